@@ -1,0 +1,222 @@
+"""IdempotencyMiddleware: pure ASGI middleware for FastAPI, Starlette and any ASGI app."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from idem_middleware.config import IdempotencyConfig
+from idem_middleware.engine import IdempotencyEngine, PassThrough, PendingClaim, Proceed, Respond
+from idem_middleware.persistence.base import BasePersistenceLayer
+from idem_middleware.request import Headers, IdempotencyRequest
+from idem_middleware.responses import StoredResponse
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+T = TypeVar("T")
+
+# Server extensions that let an app send a response we could not capture (a file path, trailers).
+_UNCAPTURABLE_EXTENSIONS = (
+    "http.response.pathsend",
+    "http.response.zerocopysend",
+    "http.response.trailers",
+)
+
+
+class IdempotencyMiddleware:
+    """Runs each covered request once per idempotency key and replays its response to retries.
+
+    ``app.add_middleware(IdempotencyMiddleware, persistence_layer=..., config=...)`` or
+    ``IdempotencyMiddleware(app, persistence_layer=..., config=...)``. Requests the config does not
+    cover (other methods, excluded paths, websockets, lifespan) pass straight through, unbuffered.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        persistence_layer: BasePersistenceLayer,
+        config: IdempotencyConfig | None = None,
+    ) -> None:
+        self.app = app
+        self.engine = IdempotencyEngine(persistence_layer, config)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.engine.covers(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        await IdempotentExchange(self.engine, self.app, scope, receive, send).run()
+
+
+class IdempotentExchange:
+    """The state of one covered request: its buffered body, its lease and the captured response."""
+
+    def __init__(
+        self, engine: IdempotencyEngine, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self.engine = engine
+        self.app = app
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.body = b""
+        self.body_delivered = False
+        self.attempt: Proceed | None = None
+        self.start_message: Message | None = None
+        self.chunks: list[bytes] = []
+        self.buffered_bytes = 0
+        self.streaming = False
+        self.finished = False
+
+    async def run(self) -> None:
+        body = await self.read_body()
+        if body is None:  # the client went away before sending its body: claim nothing
+            return
+        if isinstance(body, Respond):
+            await self.send_stored(body.response)
+            return
+        self.body = body
+        request = IdempotencyRequest(
+            method=self.scope["method"],
+            path=self.scope["path"],
+            query_string=self.scope.get("query_string", b"").decode("latin-1"),
+            headers=Headers.from_lowercase(
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.scope["headers"]]
+            ),
+            body=body,
+            raw=self.scope,
+        )
+        decision = self.engine.prepare(request)
+        if isinstance(decision, PendingClaim):
+            decision = await self.store_call(self.engine.claim, decision)
+        if isinstance(decision, Respond):
+            await self.send_stored(decision.response)
+        elif isinstance(decision, PassThrough):
+            await self.app(self.scope, self.receive_buffered, self.send)
+        else:
+            await self.run_app(decision)
+
+    async def read_body(self) -> bytes | Respond | None:
+        """The whole request body, counted while reading; a 413 decision past the limit."""
+        limit = self.engine.config.max_request_body_bytes
+        method, path = self.scope["method"], self.scope["path"]
+        for name, value in self.scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return self.engine.body_too_large(method, path)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return self.engine.body_too_large(method, path)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def receive_buffered(self) -> Message:
+        """The app's ``receive``: the buffered body once, then the server's own messages, so the
+        app still learns of a disconnect.
+        """
+        if not self.body_delivered:
+            self.body_delivered = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        return await self.receive()
+
+    async def run_app(self, attempt: Proceed) -> None:
+        self.attempt = attempt
+        extensions = self.scope.get("extensions")
+        scope = self.scope
+        if extensions and any(name in extensions for name in _UNCAPTURABLE_EXTENSIONS):
+            scope = dict(self.scope)
+            scope["extensions"] = {
+                name: value
+                for name, value in extensions.items()
+                if name not in _UNCAPTURABLE_EXTENSIONS
+            }
+        try:
+            await self.app(scope, self.receive_buffered, self.capture)
+        except BaseException:
+            if not self.finished:
+                with anyio.CancelScope(shield=True):
+                    await self.store_call(self.engine.release, attempt)
+            raise
+        if not self.finished:  # the app returned without completing a response
+            await self.store_call(self.engine.release, attempt)
+
+    async def capture(self, message: Message) -> None:
+        """The app's ``send``: hold the response until it is complete and persisted."""
+        if self.streaming:
+            await self.send(message)
+            return
+        assert self.attempt is not None
+        if message["type"] == "http.response.start":
+            self.start_message = message
+            if not self.engine.stores(message["status"]):
+                # Not stored (a 5xx by default): release now and let the response through.
+                self.finished = self.streaming = True
+                await self.store_call(self.engine.release, self.attempt, message["status"])
+                await self.send(message)
+            return
+        if message["type"] != "http.response.body":
+            await self.send(message)
+            return
+        chunk = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        self.chunks.append(chunk)
+        self.buffered_bytes += len(chunk)
+        over_limit = self.buffered_bytes > self.engine.max_stored_response_bytes
+        if more_body and not over_limit:
+            return
+        response = self.captured_response()
+        if over_limit:
+            response = response.without_body()
+        self.finished = True
+        await self.store_call(self.engine.complete, self.attempt, response)
+        assert self.start_message is not None
+        await self.send(self.start_message)
+        await self.send(
+            {"type": "http.response.body", "body": b"".join(self.chunks), "more_body": more_body}
+        )
+        self.chunks.clear()
+        self.streaming = more_body
+
+    def captured_response(self) -> StoredResponse:
+        assert self.start_message is not None
+        return StoredResponse(
+            status=self.start_message["status"],
+            headers=tuple(
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in self.start_message.get("headers", ())
+            ),
+            body=b"".join(self.chunks),
+        )
+
+    async def send_stored(self, response: StoredResponse) -> None:
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (name.encode("latin-1"), value.encode("latin-1"))
+                    for name, value in response.headers
+                ],
+            }
+        )
+        await self.send({"type": "http.response.body", "body": response.body})
+
+    async def store_call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run an engine step that may touch the store, off the event loop when it blocks."""
+        if self.engine.store_blocks:
+            return await anyio.to_thread.run_sync(function, *args)
+        return function(*args)

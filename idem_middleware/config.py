@@ -1,0 +1,174 @@
+"""IdempotencyConfig: every option of the middleware, validated once at construction."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import jmespath
+import jmespath.exceptions
+
+if TYPE_CHECKING:
+    from idem_middleware.engine import IdempotencyEvent
+    from idem_middleware.request import IdempotencyRequest
+
+KeySource = Literal["header", "body", "header_or_body"]
+StoreErrorPolicy = Literal["reject", "passthrough"]
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+#: RFC 9110 section 7.6.1 hop-by-hop fields, plus fields that describe one particular
+#: transmission (``date``, ``server``) or must never be handed to another client (``set-cookie``).
+DEFAULT_REPLAY_EXCLUDED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "date",
+        "server",
+        "set-cookie",
+    }
+)
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_KEY_SOURCES = ("header", "body", "header_or_body")
+_STORE_ERROR_POLICIES = ("reject", "passthrough")
+# Algorithms whose digest length must be chosen by the caller cannot name a stable key.
+_VARIABLE_LENGTH_HASHES = frozenset({"shake_128", "shake_256"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdempotencyConfig:
+    """How requests are selected, keyed, fingerprinted, stored and replayed.
+
+    Defaults follow DESIGN.md: POST and PATCH on every path, key from the ``Idempotency-Key``
+    header, completed responses replayed for 24 hours, a 60 second lease on in-flight requests.
+    """
+
+    header_name: str = "Idempotency-Key"
+    key_source: KeySource = "header"
+    methods: frozenset[str] = frozenset({"POST", "PATCH"})
+    include_paths: tuple[str, ...] | None = None
+    exclude_paths: tuple[str, ...] = ()
+    require_key: bool = False
+    event_key_jmespath: str | None = None
+    payload_validation_jmespath: str | None = None
+    expires_after_seconds: int = 86_400
+    in_progress_expires_after_seconds: int = 60
+    use_local_cache: bool = False
+    local_cache_max_items: int = 1024
+    hash_function: str = "sha256"
+    key_prefix: str | None = None
+    scope: Callable[[IdempotencyRequest], str] | None = None
+    store_server_errors: bool = False
+    replay_header: str = "Idempotent-Replayed"
+    replay_excluded_headers: frozenset[str] = DEFAULT_REPLAY_EXCLUDED_HEADERS
+    max_request_body_bytes: int = 1_048_576
+    max_stored_response_bytes: int | None = None
+    on_store_error: StoreErrorPolicy = "reject"
+    on_event: Callable[[IdempotencyEvent], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # Accept any iterable for the collection fields, but store immutable, normalised values
+        # so that a config can be shared between threads and hashed.
+        self._coerce("methods", frozenset(self.methods))
+        self._coerce("exclude_paths", tuple(self.exclude_paths))
+        if self.include_paths is not None:
+            self._coerce("include_paths", tuple(self.include_paths))
+        self._coerce(
+            "replay_excluded_headers", frozenset(h.lower() for h in self.replay_excluded_headers)
+        )
+        self._validate()
+
+    def _coerce(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+    def _validate(self) -> None:
+        _require(_is_token(self.header_name), "header_name", "must be an HTTP field name")
+        _require(_is_token(self.replay_header), "replay_header", "must be an HTTP field name")
+        _require(self.key_source in _KEY_SOURCES, "key_source", f"must be one of {_KEY_SOURCES}")
+        _require(bool(self.methods), "methods", "must name at least one method")
+        for method in self.methods:
+            _require(
+                method in HTTP_METHODS,
+                "methods",
+                f"{method!r} is not an upper-case HTTP method ({', '.join(sorted(HTTP_METHODS))})",
+            )
+        for name in ("include_paths", "exclude_paths"):
+            patterns: Iterable[str] = getattr(self, name) or ()
+            for pattern in patterns:
+                _require(
+                    isinstance(pattern, str) and pattern.startswith(("/", "*")),
+                    name,
+                    f"{pattern!r} must be a path glob starting with '/' or '*'",
+                )
+        for name in ("event_key_jmespath", "payload_validation_jmespath"):
+            expression = getattr(self, name)
+            if expression is not None:
+                try:
+                    jmespath.compile(expression)
+                except jmespath.exceptions.JMESPathError as exc:
+                    raise ValueError(f"{name}: invalid JMESPath expression: {exc}") from exc
+        _require_positive_int(self.expires_after_seconds, "expires_after_seconds")
+        _require_positive_int(
+            self.in_progress_expires_after_seconds, "in_progress_expires_after_seconds"
+        )
+        _require_positive_int(self.local_cache_max_items, "local_cache_max_items")
+        _require_positive_int(self.max_request_body_bytes, "max_request_body_bytes")
+        if self.max_stored_response_bytes is not None:
+            _require_non_negative_int(self.max_stored_response_bytes, "max_stored_response_bytes")
+        _require(
+            self.hash_function in hashlib.algorithms_available
+            and self.hash_function not in _VARIABLE_LENGTH_HASHES,
+            "hash_function",
+            f"{self.hash_function!r} is not a fixed-length hashlib algorithm",
+        )
+        if self.key_prefix is not None:
+            _require(
+                bool(self.key_prefix) and "#" not in self.key_prefix,
+                "key_prefix",
+                "must be a non-empty string without '#'",
+            )
+        _require(self.scope is None or callable(self.scope), "scope", "must be callable")
+        _require(self.on_event is None or callable(self.on_event), "on_event", "must be callable")
+        _require(
+            self.on_store_error in _STORE_ERROR_POLICIES,
+            "on_store_error",
+            f"must be one of {_STORE_ERROR_POLICIES}",
+        )
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, str) and bool(_TOKEN.match(value))
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+def _require_positive_int(value: object, name: str) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        name,
+        f"must be a positive integer, got {value!r}",
+    )
+
+
+def _require_non_negative_int(value: object, name: str) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        name,
+        f"must be a non-negative integer, got {value!r}",
+    )

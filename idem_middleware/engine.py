@@ -1,0 +1,419 @@
+"""The protocol-agnostic decision engine: every HTTP decision of the middleware lives here.
+
+An adapter (ASGI or WSGI) asks :meth:`IdempotencyEngine.begin` what to do with a request and
+gets one of three decisions:
+
+* :class:`PassThrough` - run the app untouched (method not covered, no key, or a store outage
+  under ``on_store_error="passthrough"``);
+* :class:`Respond` - send this response and do not run the app (a replay or a problem);
+* :class:`Proceed` - this request holds the key: run the app, then ``complete`` with its
+  response *before* sending it, or ``release`` if it failed.
+
+``begin`` is ``prepare`` (pure computation and the local cache) followed by ``claim`` (one store
+call), so an async adapter can run only the store call in a worker thread.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from idem_middleware.config import IdempotencyConfig
+from idem_middleware.exceptions import (
+    IdempotencyAlreadyInProgressError,
+    IdempotencyHTTPError,
+    IdempotencyItemAlreadyExistsError,
+    IdempotencyItemNotFoundError,
+    IdempotencyKeyMissingError,
+    IdempotencyLeaseLostError,
+    IdempotencyPersistenceLayerError,
+    IdempotencyValidationError,
+    RequestBodyIncompleteError,
+    RequestBodyTooLargeError,
+)
+from idem_middleware.keys import KeyDeriver
+from idem_middleware.persistence.base import BasePersistenceLayer
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.request import IdempotencyRequest
+from idem_middleware.responses import StoredResponse, problem_response
+
+logger = logging.getLogger("idem_middleware")
+
+EventName = Literal[
+    "claimed",
+    "completed",
+    "replayed",
+    "conflict",
+    "mismatch",
+    "released",
+    "rejected",
+    "store_error",
+    "lease_lost",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyEvent:
+    """One decision, for ``IdempotencyConfig.on_event`` (metrics) and the log.
+
+    ``key`` is the stored (hashed) key, never the raw client key; ``status`` is the HTTP status
+    sent or stored, when there is one.
+    """
+
+    name: EventName
+    method: str
+    path: str
+    key: str | None = None
+    status: int | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """Run the app as if the middleware were not there."""
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """Send ``response`` without running the app."""
+
+    response: StoredResponse
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """This request holds the key under ``lease``; run the app and complete or release."""
+
+    request: IdempotencyRequest
+    lease: DataRecord
+
+
+@dataclass(frozen=True, slots=True)
+class PendingClaim:
+    """A request that passed every check that needs no store call; ``claim`` finishes it."""
+
+    request: IdempotencyRequest
+    idempotency_key: str
+    payload_hash: str
+
+
+Decision = PassThrough | Respond | Proceed
+
+PASS_THROUGH = PassThrough()
+
+
+class IdempotencyEngine:
+    """Decides, for one config and one persistence layer, what happens to each request."""
+
+    def __init__(
+        self, persistence_layer: BasePersistenceLayer, config: IdempotencyConfig | None = None
+    ) -> None:
+        self.config = config or IdempotencyConfig()
+        self.persistence_layer = persistence_layer
+        persistence_layer.configure(self.config)
+        self.keys = KeyDeriver(self.config)
+        #: Whether store calls block; an async adapter runs ``claim``, ``complete`` and
+        #: ``release`` in a worker thread when they do.
+        self.store_blocks = persistence_layer.blocking_io
+        #: Response bodies up to this size are stored and replayed; larger ones stream through.
+        self.max_stored_response_bytes = (
+            self.config.max_stored_response_bytes
+            if self.config.max_stored_response_bytes is not None
+            else persistence_layer.max_response_bytes
+        )
+        self._include = _compile_globs(self.config.include_paths)
+        self._exclude = _compile_globs(self.config.exclude_paths or None)
+        self._excluded_headers = self.config.replay_excluded_headers
+
+    # Selection ----------------------------------------------------------------------------
+
+    def covers(self, method: str, path: str) -> bool:
+        """Whether the middleware handles this request at all; checked before reading the body."""
+        if method not in self.config.methods:
+            return False
+        if self._include is not None and not self._include.match(path):
+            return False
+        return not (self._exclude is not None and self._exclude.match(path))
+
+    def body_too_large(self, method: str, path: str) -> Respond:
+        """The 413 answer to a body over ``max_request_body_bytes``; the app does not run."""
+        return self._refuse(
+            method,
+            path,
+            RequestBodyTooLargeError(
+                f"covered requests may carry at most {self.config.max_request_body_bytes} bytes"
+            ),
+        )
+
+    def body_incomplete(self, method: str, path: str) -> Respond:
+        """The answer to a body cut short of its Content-Length; nothing is claimed."""
+        return self._refuse(
+            method, path, RequestBodyIncompleteError("the request body ended before Content-Length")
+        )
+
+    # Begin --------------------------------------------------------------------------------
+
+    def begin(self, request: IdempotencyRequest) -> Decision:
+        """Decide what to do with a covered request whose body has been read."""
+        step = self.prepare(request)
+        return self.claim(step) if isinstance(step, PendingClaim) else step
+
+    def prepare(self, request: IdempotencyRequest) -> Decision | PendingClaim:
+        """Everything ``begin`` does that needs no store call (parsing, hashing, local cache)."""
+        try:
+            material = self.keys.key_material(request)
+            if material is None:
+                if self.config.require_key:
+                    raise IdempotencyKeyMissingError(
+                        f"this endpoint requires an {self.config.header_name} header"
+                    )
+                return PASS_THROUGH
+            payload_hash = self.keys.fingerprint(request)
+        except IdempotencyHTTPError as error:
+            return self._reject(request, error)
+        scope = self.config.scope(request) if self.config.scope is not None else None
+        key = self.persistence_layer.build_idempotency_key(material, scope)
+        cached = self.persistence_layer.get_cached_record(key)
+        if cached is not None:
+            return self._answer_existing(request, cached, payload_hash)
+        return PendingClaim(request, key, payload_hash)
+
+    def claim(self, pending: PendingClaim) -> Decision:
+        """Claim the key with one atomic store call; a collision is answered from the record
+        that call returned.
+        """
+        request = pending.request
+        layer = self.persistence_layer
+        try:
+            # Two attempts: the record that beat us may expire between its write and our read.
+            for _ in range(2):
+                try:
+                    lease = layer.save_inprogress(pending.idempotency_key, pending.payload_hash)
+                except IdempotencyItemAlreadyExistsError as exc:
+                    existing = exc.old_data_record
+                    if existing is None:
+                        try:
+                            existing = layer.get_record(pending.idempotency_key)
+                        except IdempotencyItemNotFoundError:
+                            continue
+                    if existing.current_status(layer.clock()) in (
+                        STATUS_COMPLETED,
+                        STATUS_INPROGRESS,
+                    ):
+                        return self._answer_existing(request, existing, pending.payload_hash)
+                else:
+                    self._emit("claimed", request.method, request.path, lease.idempotency_key)
+                    return Proceed(request, lease)
+            return self._reject(
+                request,
+                IdempotencyAlreadyInProgressError(
+                    "another request with this idempotency key is being processed"
+                ),
+                pending.idempotency_key,
+            )
+        except IdempotencyPersistenceLayerError as error:
+            return self._store_unavailable(request, error, pending.idempotency_key)
+
+    def _answer_existing(
+        self, request: IdempotencyRequest, record: DataRecord, payload_hash: str
+    ) -> Decision:
+        key = record.idempotency_key
+        try:
+            self.persistence_layer.validate_payload(record, payload_hash)
+        except IdempotencyValidationError as error:
+            return self._reject(request, error, key, event="mismatch")
+        if record.status == STATUS_INPROGRESS:
+            return self._reject(
+                request,
+                IdempotencyAlreadyInProgressError(
+                    "a request with this idempotency key is still being processed; "
+                    "retry after it completes"
+                ),
+                key,
+                event="conflict",
+            )
+        try:
+            stored = record.response
+        except ValueError as exc:
+            unreadable = IdempotencyPersistenceLayerError(
+                f"the stored response could not be read: {exc}"
+            )
+            return self._store_unavailable(request, unreadable, key)
+        if stored is None:
+            return self._store_unavailable(
+                request, IdempotencyPersistenceLayerError("the stored record has no response"), key
+            )
+        self._emit("replayed", request.method, request.path, key, status=stored.status)
+        return Respond(stored.for_replay(self.config.replay_header))
+
+    # Finish -------------------------------------------------------------------------------
+
+    def stores(self, status: int) -> bool:
+        """Whether a response with this status is stored (else the key is released)."""
+        return status < 500 or self.config.store_server_errors
+
+    def complete(self, attempt: Proceed, response: StoredResponse) -> None:
+        """Persist the app's response before the adapter sends it; a 5xx (by default) releases
+        the key instead. Never raises: the response goes out whatever the store says.
+        """
+        if not self.stores(response.status):
+            self.release(attempt, response.status)
+            return
+        request = attempt.request
+        kept = StoredResponse(
+            status=response.status,
+            headers=tuple(
+                h for h in response.headers if h[0].lower() not in self._excluded_headers
+            ),
+            body=response.body,
+            body_omitted=response.body_omitted,
+        )
+        if len(kept.body) > self.max_stored_response_bytes:
+            kept = kept.without_body()
+        try:
+            self.persistence_layer.save_success(attempt.lease, kept)
+        except IdempotencyLeaseLostError:
+            self._lease_lost(attempt)
+        except IdempotencyPersistenceLayerError as error:
+            self._emit(
+                "store_error",
+                request.method,
+                request.path,
+                attempt.lease.idempotency_key,
+                status=response.status,
+                detail=f"response not stored: {error.__cause__ or error}",
+                level=logging.ERROR,
+            )
+        else:
+            self._emit(
+                "completed",
+                request.method,
+                request.path,
+                attempt.lease.idempotency_key,
+                status=response.status,
+            )
+
+    def release(self, attempt: Proceed, status: int | None = None) -> None:
+        """Delete the record so a retry runs the app again (the app raised or returned 5xx).
+        Never raises.
+        """
+        request = attempt.request
+        try:
+            self.persistence_layer.delete_record(attempt.lease)
+        except IdempotencyLeaseLostError:
+            self._lease_lost(attempt)
+        except IdempotencyPersistenceLayerError as error:
+            self._emit(
+                "store_error",
+                request.method,
+                request.path,
+                attempt.lease.idempotency_key,
+                status=status,
+                detail=f"key not released, retries wait for the lease: {error.__cause__ or error}",
+                level=logging.ERROR,
+            )
+        else:
+            self._emit(
+                "released", request.method, request.path, attempt.lease.idempotency_key, status
+            )
+
+    # Outcomes -----------------------------------------------------------------------------
+
+    def _reject(
+        self,
+        request: IdempotencyRequest,
+        error: IdempotencyHTTPError,
+        key: str | None = None,
+        *,
+        event: EventName = "rejected",
+    ) -> Respond:
+        return self._refuse(request.method, request.path, error, key, event=event)
+
+    def _refuse(
+        self,
+        method: str,
+        path: str,
+        error: IdempotencyHTTPError,
+        key: str | None = None,
+        *,
+        event: EventName = "rejected",
+    ) -> Respond:
+        self._emit(event, method, path, key, status=error.status, detail=error.code)
+        return Respond(problem_response(error))
+
+    def _store_unavailable(
+        self, request: IdempotencyRequest, error: IdempotencyPersistenceLayerError, key: str | None
+    ) -> Decision:
+        passthrough = self.config.on_store_error == "passthrough"
+        self._emit(
+            "store_error",
+            request.method,
+            request.path,
+            key,
+            status=None if passthrough else error.status,
+            detail=(
+                f"{'running un-deduplicated' if passthrough else 'rejected'}: "
+                f"{error.__cause__ or error}"
+            ),
+            level=logging.WARNING,
+        )
+        if passthrough:
+            return PASS_THROUGH
+        return Respond(problem_response(error))
+
+    def _lease_lost(self, attempt: Proceed) -> None:
+        self._emit(
+            "lease_lost",
+            attempt.request.method,
+            attempt.request.path,
+            attempt.lease.idempotency_key,
+            detail="the lease ran out and another request took the key over; its record was kept",
+            level=logging.WARNING,
+        )
+
+    def _emit(
+        self,
+        name: EventName,
+        method: str,
+        path: str,
+        key: str | None = None,
+        status: int | None = None,
+        *,
+        detail: str | None = None,
+        level: int = logging.INFO,
+    ) -> None:
+        on_event = self.config.on_event
+        log = logger.isEnabledFor(level)
+        if on_event is None and not log:
+            return
+        event = IdempotencyEvent(name, method, path, key, status, detail)
+        if log:
+            logger.log(
+                level,
+                "idempotency %s method=%s path=%s key=%s status=%s%s",
+                name,
+                method,
+                path,
+                key,
+                status,
+                f" detail={detail!r}" if detail else "",
+                extra={"idempotency": event},
+            )
+        if on_event is not None:
+            try:
+                on_event(event)
+            except Exception:
+                # A broken metrics hook must not turn a served request into a 500.
+                logger.exception("idempotency on_event hook raised")
+
+
+def _compile_globs(patterns: tuple[str, ...] | None) -> re.Pattern[str] | None:
+    """One regex for a tuple of globs (``/orders/*``), so each request pays one match.
+    An empty tuple matches nothing.
+    """
+    if patterns is None:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns) or "(?!)")

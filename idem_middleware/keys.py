@@ -1,0 +1,137 @@
+"""Where a request's idempotency key and payload fingerprint come from.
+
+The key names the record; the fingerprint says whether a retry is the *same* request. Raw client
+keys never leave this module unhashed: the persistence layer only sees the key material, which it
+hashes together with the scope and prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import http_sf
+import jmespath
+import jmespath.parser
+
+from idem_middleware.config import IdempotencyConfig
+from idem_middleware.exceptions import IdempotencyKeyError, IdempotencyKeyInvalidError
+from idem_middleware.request import IdempotencyRequest
+
+MAX_KEY_LENGTH = 255
+
+Hasher = Callable[[bytes], "hashlib._Hash"]
+
+
+def hasher(name: str) -> Hasher:
+    """The hashlib constructor for ``name``, resolved once (``hashlib.new`` is slower per call)."""
+    constructor = getattr(hashlib, name, None)
+    if callable(constructor):
+        return constructor  # type: ignore[no-any-return]
+    return lambda data: hashlib.new(name, data)
+
+
+def parse_key(values: list[str]) -> str:
+    """The key named by the ``Idempotency-Key`` field values of one request.
+
+    The field is an RFC 9651 sf-string (``"abc"``); bare values such as UUIDs are not valid
+    sf-items, so a bare value is accepted as a lenient extension and names the same key as its
+    quoted form. Parameters on the item are ignored, as RFC 9651 asks of unknown parameters.
+    """
+    if len(values) != 1:
+        raise IdempotencyKeyInvalidError("the Idempotency-Key header must appear exactly once")
+    value = values[0].strip(" \t")
+    if value.startswith('"'):
+        try:
+            item = http_sf.parse(value.encode("latin-1"), tltype="item")
+        except (http_sf.StructuredFieldError, UnicodeEncodeError) as exc:
+            raise IdempotencyKeyInvalidError(
+                "the Idempotency-Key header is not a valid quoted string"
+            ) from exc
+        key = item[0] if isinstance(item, tuple) else item
+        if not isinstance(key, str):  # pragma: no cover - a leading quote always parses as a string
+            raise IdempotencyKeyInvalidError("the Idempotency-Key header must be a string")
+    else:
+        key = value.partition(";")[0]
+        if not _is_bare_key(key):
+            raise IdempotencyKeyInvalidError(
+                "an unquoted Idempotency-Key must be printable ASCII without spaces, "
+                "quotes or commas"
+            )
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise IdempotencyKeyInvalidError(
+            f"the Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters long"
+        )
+    if not key.isascii() or not key.isprintable():
+        raise IdempotencyKeyInvalidError("the Idempotency-Key must be printable ASCII")
+    return key
+
+
+def _is_bare_key(key: str) -> bool:
+    return key.isascii() and all(0x21 <= ord(char) <= 0x7E and char not in '",' for char in key)
+
+
+class KeyDeriver:
+    """Derives key material and fingerprints for one config; built once per middleware."""
+
+    def __init__(self, config: IdempotencyConfig) -> None:
+        self.config = config
+        self._hash = hasher(config.hash_function)
+        self._event_key = _compile(config.event_key_jmespath)
+        self._payload_selection = _compile(config.payload_validation_jmespath)
+
+    def key_material(self, request: IdempotencyRequest) -> str | None:
+        """What names this request's record, or ``None`` when the request carries no key.
+
+        Raises :class:`IdempotencyKeyInvalidError` for a malformed header and
+        :class:`IdempotencyKeyError` when a JMESPath is configured and the body is not JSON.
+        """
+        source = self.config.key_source
+        if source != "body":
+            values = request.headers.getlist(self.config.header_name)
+            if values:
+                return "header:" + parse_key(values)
+            if source == "header":
+                return None
+        if self._event_key is not None:
+            selected = self._event_key.search(_json_body(request.body))
+            if selected is None:
+                return None
+            return "body:" + self._hash(_canonical_json(selected)).hexdigest()
+        if not request.body:
+            return None
+        return "body:" + self._hash(request.body).hexdigest()
+
+    def fingerprint(self, request: IdempotencyRequest) -> str:
+        """A hash of what must not change between a request and its retries."""
+        digest = self._hash(request.method.encode("ascii"))
+        digest.update(b"\0")
+        digest.update(request.path.encode("utf-8", "surrogateescape"))
+        digest.update(b"\0")
+        if self._payload_selection is not None:
+            selected = self._payload_selection.search(_json_body(request.body))
+            digest.update(_canonical_json(selected))
+        else:
+            digest.update(request.query_string.encode("latin-1", "replace"))
+            digest.update(b"\0")
+            digest.update(request.body)
+        return digest.hexdigest()
+
+
+def _compile(expression: str | None) -> jmespath.parser.ParsedResult | None:
+    return None if expression is None else jmespath.compile(expression)
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IdempotencyKeyError(
+            "the request body must be JSON: the idempotency key or fingerprint is selected from it"
+        ) from exc
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

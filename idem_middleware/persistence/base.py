@@ -1,0 +1,208 @@
+"""BasePersistenceLayer: the logic every store shares; backends only move records.
+
+Mirrors the persistence layer of Powertools for AWS Lambda: the base class builds keys, sets
+expiries, validates payloads and keeps the local cache; a backend implements four primitives.
+On top of Powertools it fences completion and release on the lease a request holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+from cachetools import LRUCache
+
+from idem_middleware.config import IdempotencyConfig
+from idem_middleware.exceptions import (
+    IdempotencyItemAlreadyExistsError,
+    IdempotencyItemNotFoundError,
+    IdempotencyValidationError,
+)
+from idem_middleware.keys import hasher
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.responses import StoredResponse
+
+DEFAULT_KEY_PREFIX = "idempotency"
+
+
+class BasePersistenceLayer(ABC):
+    """Stores idempotency records. Subclasses implement ``_put_record``, ``_get_record``,
+    ``_update_record`` and ``_delete_record``; everything else lives here, once.
+    """
+
+    #: ``True`` when the primitives do network or disk I/O: the ASGI adapter then runs them in a
+    #: worker thread so the event loop never waits on the store.
+    blocking_io: ClassVar[bool] = True
+
+    #: Largest response body this store keeps unless the config says otherwise. Larger responses
+    #: stream through and their record keeps status and headers only.
+    max_response_bytes: int = 4 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.config = IdempotencyConfig()
+        self.key_prefix = DEFAULT_KEY_PREFIX
+        self._configured_with: IdempotencyConfig | None = None
+        self._hash = hasher(self.config.hash_function)
+        self._cache: LRUCache[str, DataRecord] | None = None
+        self._cache_lock = threading.Lock()
+        #: Source of "now" in epoch seconds; tests replace it to move time without sleeping.
+        self.clock: Callable[[], float] = time.time
+
+    def configure(self, config: IdempotencyConfig, key_prefix: str | None = None) -> None:
+        """Adopt the middleware's config. A layer serves one config: reusing it with another
+        would silently change the keys, expiries and cache of the first.
+        """
+        if self._configured_with is not None:
+            if self._configured_with == config and key_prefix in (None, self.key_prefix):
+                return
+            raise ValueError(
+                "this persistence layer is already configured for another IdempotencyConfig; "
+                "create one layer per middleware"
+            )
+        self._configured_with = config
+        self.config = config
+        self.key_prefix = key_prefix or config.key_prefix or DEFAULT_KEY_PREFIX
+        self._hash = hasher(config.hash_function)
+        if config.use_local_cache:
+            self._cache = LRUCache(maxsize=config.local_cache_max_items)
+
+    # Keys ---------------------------------------------------------------------------------
+
+    def build_idempotency_key(self, key_material: str, scope: str | None = None) -> str:
+        """The stored key: the prefix, then a hash of the scope and the key material.
+
+        Hashing keeps raw client keys out of the store and makes two scopes (tenants, users)
+        with the same client key name two different records.
+        """
+        digest = self._hash(b"" if scope is None else scope.encode("utf-8"))
+        digest.update(b"\0")
+        digest.update(key_material.encode("utf-8"))
+        return f"{self.key_prefix}#{digest.hexdigest()}"
+
+    # Public API ---------------------------------------------------------------------------
+
+    def save_inprogress(self, idempotency_key: str, payload_hash: str) -> DataRecord:
+        """Atomically claim the key; returns the lease this request now holds.
+
+        Raises :class:`IdempotencyItemAlreadyExistsError` carrying the live record found instead.
+        """
+        cached = self.get_cached_record(idempotency_key)
+        if cached is not None:
+            raise IdempotencyItemAlreadyExistsError(cached)
+        now = self.clock()
+        lease = DataRecord(
+            idempotency_key=idempotency_key,
+            status=STATUS_INPROGRESS,
+            expiry_timestamp=int(now) + self.config.expires_after_seconds,
+            in_progress_expiry_timestamp=int(
+                (now + self.config.in_progress_expires_after_seconds) * 1000
+            ),
+            payload_hash=payload_hash,
+        )
+        self._put_record(lease)
+        return lease
+
+    def save_success(self, lease: DataRecord, response: StoredResponse) -> DataRecord:
+        """Complete the record held by ``lease`` with the response to replay.
+
+        Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
+        """
+        record = DataRecord(
+            idempotency_key=lease.idempotency_key,
+            status=STATUS_COMPLETED,
+            expiry_timestamp=int(self.clock()) + self.config.expires_after_seconds,
+            in_progress_expiry_timestamp=lease.in_progress_expiry_timestamp,
+            response_data=response.encode(),
+            payload_hash=lease.payload_hash,
+        )
+        self._update_record(record)
+        record.response = response  # replays from this process skip decoding
+        self._save_to_cache(record)
+        return record
+
+    def delete_record(self, lease: DataRecord) -> None:
+        """Release the key held by ``lease`` so a retry runs the handler again.
+
+        Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
+        """
+        self._evict_from_cache(lease.idempotency_key)
+        self._delete_record(lease)
+
+    def get_record(self, idempotency_key: str, payload_hash: str | None = None) -> DataRecord:
+        """The live record for the key, validated against ``payload_hash`` when given.
+
+        Raises :class:`IdempotencyItemNotFoundError` or :class:`IdempotencyValidationError`.
+        """
+        record = self.get_cached_record(idempotency_key)
+        if record is None:
+            record = self._get_record(idempotency_key)
+            if record.is_expired(self.clock()):
+                raise IdempotencyItemNotFoundError(idempotency_key)
+            self._save_to_cache(record)
+        if payload_hash is not None:
+            self.validate_payload(record, payload_hash)
+        return record
+
+    def validate_payload(self, record: DataRecord, payload_hash: str) -> None:
+        """Raise :class:`IdempotencyValidationError` when the record was made by another payload."""
+        if record.payload_hash is not None and record.payload_hash != payload_hash:
+            raise IdempotencyValidationError(
+                "this idempotency key was already used with a different request "
+                "(method, path, query or body)"
+            )
+
+    # Local cache: COMPLETED records only, never served past their expiry --------------------
+
+    def get_cached_record(self, idempotency_key: str) -> DataRecord | None:
+        if self._cache is None:
+            return None
+        with self._cache_lock:
+            record = self._cache.get(idempotency_key)
+            if record is not None and record.is_expired(self.clock()):
+                del self._cache[idempotency_key]
+                return None
+        return record
+
+    def _save_to_cache(self, record: DataRecord) -> None:
+        if self._cache is not None and record.status == STATUS_COMPLETED:
+            with self._cache_lock:
+                self._cache[record.idempotency_key] = record
+
+    def _evict_from_cache(self, idempotency_key: str) -> None:
+        if self._cache is not None:
+            with self._cache_lock:
+                self._cache.pop(idempotency_key, None)
+
+    # Primitives ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def _put_record(self, data_record: DataRecord) -> None:
+        """Create the record unless a live one exists, atomically.
+
+        "Live" means: not past ``expiry_timestamp``, and not an INPROGRESS record whose lease
+        (``in_progress_expiry_timestamp``) has run out. Otherwise raise
+        :class:`IdempotencyItemAlreadyExistsError` carrying the existing record, found in the same
+        round trip.
+        """
+
+    @abstractmethod
+    def _get_record(self, idempotency_key: str) -> DataRecord:
+        """The stored record (consistent read), or :class:`IdempotencyItemNotFoundError`."""
+
+    @abstractmethod
+    def _update_record(self, data_record: DataRecord) -> None:
+        """Replace the record, only while it is INPROGRESS under the same lease token
+        (``in_progress_expiry_timestamp``); otherwise raise :class:`IdempotencyLeaseLostError`.
+        """
+
+    @abstractmethod
+    def _delete_record(self, data_record: DataRecord) -> None:
+        """Delete the record, only while it is INPROGRESS under the same lease token;
+        otherwise raise :class:`IdempotencyLeaseLostError`.
+        """
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)

@@ -1,0 +1,329 @@
+"""DynamoDBPersistenceLayer: the fleet backend, compatible with Powertools' idempotency table.
+
+Same attribute names and defaults as Powertools for AWS Lambda, so a table can be shared or
+migrated. The claim is one conditional ``PutItem`` that returns the existing item on collision
+(``ReturnValuesOnConditionCheckFailure=ALL_OLD``); completion and release are conditional on the
+lease token (``in_progress_expiration``), so a request whose lease ran out cannot touch the
+record of the request that took over.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from idem_middleware.exceptions import (
+    IdempotencyItemAlreadyExistsError,
+    IdempotencyItemNotFoundError,
+    IdempotencyLeaseLostError,
+    IdempotencyPersistenceLayerError,
+)
+from idem_middleware.persistence.base import BasePersistenceLayer
+from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
+from idem_middleware.responses import StoredResponse
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_dynamodb.type_defs import AttributeValueTypeDef
+
+logger = logging.getLogger(__name__)
+
+#: DynamoDB's item size limit, less room for attribute names and the other attributes.
+MAX_ITEM_BYTES = 400 * 1024
+_ITEM_OVERHEAD_BYTES = 2 * 1024
+#: Responses smaller than this are stored as plain text: compressing them saves nothing.
+COMPRESS_MIN_BYTES = 1024
+
+_CLAIM_CONDITION = (
+    "attribute_not_exists(#id) OR #expiry < :now OR "
+    "(#status = :inprogress AND attribute_exists(#in_progress_expiry) "
+    "AND #in_progress_expiry < :now_in_millis)"
+)
+_LEASE_CONDITION = "#status = :inprogress AND #in_progress_expiry = :lease"
+
+
+class DynamoDBPersistenceLayer(BasePersistenceLayer):
+    """Records in a DynamoDB table (one item each), keyed by ``key_attr``.
+
+    With ``sort_key_attr`` the table has a composite key: every record shares the partition key
+    ``static_pk_value`` and the idempotency key goes in the sort key (Powertools' layout).
+    Pass ``boto3_client`` (e.g. one pointed at DynamoDB Local), or a ``boto3_session`` and
+    ``boto_config`` to build one.
+    """
+
+    def __init__(
+        self,
+        table_name: str,
+        key_attr: str = "id",
+        static_pk_value: str | None = None,
+        sort_key_attr: str | None = None,
+        expiry_attr: str = "expiration",
+        in_progress_expiry_attr: str = "in_progress_expiration",
+        status_attr: str = "status",
+        data_attr: str = "data",
+        validation_key_attr: str = "validation",
+        boto_config: Config | None = None,
+        boto3_session: boto3.session.Session | None = None,
+        boto3_client: DynamoDBClient | None = None,
+    ) -> None:
+        super().__init__()
+        if sort_key_attr == key_attr:
+            raise ValueError(f"key_attr and sort_key_attr must differ (both are {key_attr!r})")
+        if boto3_client is None:
+            session = boto3_session or boto3.session.Session()
+            boto3_client = session.client("dynamodb", config=boto_config or Config())
+        self.client = boto3_client
+        self.table_name = table_name
+        self.key_attr = key_attr
+        self.static_pk_value = static_pk_value or "idempotency"
+        self.sort_key_attr = sort_key_attr
+        self.expiry_attr = expiry_attr
+        self.in_progress_expiry_attr = in_progress_expiry_attr
+        self.status_attr = status_attr
+        self.data_attr = data_attr
+        self.validation_key_attr = validation_key_attr
+
+    # Primitives ---------------------------------------------------------------------------
+
+    def _put_record(self, data_record: DataRecord) -> None:
+        now = self.clock()
+        item = self._key(data_record.idempotency_key)
+        item[self.expiry_attr] = _number(data_record.expiry_timestamp)
+        item[self.status_attr] = {"S": data_record.status}
+        item[self.in_progress_expiry_attr] = _number(data_record.in_progress_expiry_timestamp)
+        if data_record.payload_hash is not None:
+            item[self.validation_key_attr] = {"S": data_record.payload_hash}
+        try:
+            self.client.put_item(
+                TableName=self.table_name,
+                Item=item,
+                ConditionExpression=_CLAIM_CONDITION,
+                ExpressionAttributeNames={
+                    "#id": self.key_attr,
+                    "#expiry": self.expiry_attr,
+                    "#in_progress_expiry": self.in_progress_expiry_attr,
+                    "#status": self.status_attr,
+                },
+                ExpressionAttributeValues={
+                    ":now": {"N": str(int(now))},
+                    ":now_in_millis": {"N": str(int(now * 1000))},
+                    ":inprogress": {"S": STATUS_INPROGRESS},
+                },
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if _error_code(exc) == "ConditionalCheckFailedException":
+                old_item: dict[str, Any] | None = exc.response.get("Item")  # type: ignore[assignment]
+                raise IdempotencyItemAlreadyExistsError(
+                    self._item_to_data_record(old_item) if old_item else None
+                ) from None
+            self._raise_store_error("PutItem", exc)
+        except BotoCoreError as exc:
+            self._raise_store_error("PutItem", exc)
+
+    def _get_record(self, idempotency_key: str) -> DataRecord:
+        try:
+            response = self.client.get_item(
+                TableName=self.table_name, Key=self._key(idempotency_key), ConsistentRead=True
+            )
+        except (ClientError, BotoCoreError) as exc:
+            self._raise_store_error("GetItem", exc)
+        item = response.get("Item")
+        if item is None:
+            raise IdempotencyItemNotFoundError(idempotency_key)
+        return self._item_to_data_record(item)
+
+    def _update_record(self, data_record: DataRecord) -> None:
+        data = self._encode_data(data_record.response_data)
+        if data is not None and self._item_size(data_record, data) > MAX_ITEM_BYTES:
+            data = self._encode_data(self._without_body(data_record.response_data))
+        try:
+            self._conditional_update(data_record, data)
+        except ClientError as exc:
+            if not _is_item_too_large(exc):
+                raise
+            # Our estimate of the item size was short of DynamoDB's: drop the body rather than
+            # fail a request whose handler has already run.
+            data = self._encode_data(self._without_body(data_record.response_data))
+            self._conditional_update(data_record, data)
+
+    def _conditional_update(
+        self, data_record: DataRecord, data: AttributeValueTypeDef | None
+    ) -> None:
+        names = {
+            "#expiry": self.expiry_attr,
+            "#status": self.status_attr,
+            "#in_progress_expiry": self.in_progress_expiry_attr,
+        }
+        values: dict[str, AttributeValueTypeDef] = {
+            ":expiry": _number(data_record.expiry_timestamp),
+            ":status": {"S": data_record.status},
+            ":inprogress": {"S": STATUS_INPROGRESS},
+            ":lease": _number(data_record.in_progress_expiry_timestamp),
+        }
+        assignments = ["#expiry = :expiry", "#status = :status"]
+        if data is not None:
+            names["#data"] = self.data_attr
+            values[":data"] = data
+            assignments.append("#data = :data")
+        if data_record.payload_hash is not None:
+            names["#validation"] = self.validation_key_attr
+            values[":validation"] = {"S": data_record.payload_hash}
+            assignments.append("#validation = :validation")
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(data_record.idempotency_key),
+                UpdateExpression="SET " + ", ".join(assignments),
+                ConditionExpression=_LEASE_CONDITION,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _error_code(exc) == "ConditionalCheckFailedException":
+                raise IdempotencyLeaseLostError(data_record.idempotency_key) from None
+            if _is_item_too_large(exc):
+                raise
+            self._raise_store_error("UpdateItem", exc)
+        except BotoCoreError as exc:
+            self._raise_store_error("UpdateItem", exc)
+
+    def _delete_record(self, data_record: DataRecord) -> None:
+        try:
+            self.client.delete_item(
+                TableName=self.table_name,
+                Key=self._key(data_record.idempotency_key),
+                ConditionExpression=_LEASE_CONDITION,
+                ExpressionAttributeNames={
+                    "#status": self.status_attr,
+                    "#in_progress_expiry": self.in_progress_expiry_attr,
+                },
+                ExpressionAttributeValues={
+                    ":inprogress": {"S": STATUS_INPROGRESS},
+                    ":lease": _number(data_record.in_progress_expiry_timestamp),
+                },
+            )
+        except ClientError as exc:
+            if _error_code(exc) == "ConditionalCheckFailedException":
+                raise IdempotencyLeaseLostError(data_record.idempotency_key) from None
+            self._raise_store_error("DeleteItem", exc)
+        except BotoCoreError as exc:
+            self._raise_store_error("DeleteItem", exc)
+
+    # Table management ---------------------------------------------------------------------
+
+    def create_table(self) -> bool:
+        """Create the table (on-demand billing, TTL on ``expiry_attr``) unless it exists, and
+        make sure TTL is enabled. Safe to call twice; returns whether the table was created.
+        """
+        key_schema: list[Any] = [{"AttributeName": self.key_attr, "KeyType": "HASH"}]
+        attributes: list[Any] = [{"AttributeName": self.key_attr, "AttributeType": "S"}]
+        if self.sort_key_attr is not None:
+            key_schema.append({"AttributeName": self.sort_key_attr, "KeyType": "RANGE"})
+            attributes.append({"AttributeName": self.sort_key_attr, "AttributeType": "S"})
+        created = True
+        try:
+            self.client.create_table(
+                TableName=self.table_name,
+                KeySchema=key_schema,
+                AttributeDefinitions=attributes,
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except ClientError as exc:
+            if _error_code(exc) != "ResourceInUseException":
+                self._raise_store_error("CreateTable", exc)
+            created = False
+        except BotoCoreError as exc:
+            self._raise_store_error("CreateTable", exc)
+        try:
+            self.client.get_waiter("table_exists").wait(
+                TableName=self.table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+            )
+            ttl = self.client.describe_time_to_live(TableName=self.table_name)
+            ttl_status = ttl["TimeToLiveDescription"].get("TimeToLiveStatus")
+            if ttl_status not in ("ENABLED", "ENABLING"):
+                self.client.update_time_to_live(
+                    TableName=self.table_name,
+                    TimeToLiveSpecification={"Enabled": True, "AttributeName": self.expiry_attr},
+                )
+        except (ClientError, BotoCoreError) as exc:
+            self._raise_store_error("UpdateTimeToLive", exc)
+        return created
+
+    # Items --------------------------------------------------------------------------------
+
+    def _key(self, idempotency_key: str) -> dict[str, AttributeValueTypeDef]:
+        if self.sort_key_attr is None:
+            return {self.key_attr: {"S": idempotency_key}}
+        return {
+            self.key_attr: {"S": self.static_pk_value},
+            self.sort_key_attr: {"S": idempotency_key},
+        }
+
+    def _item_to_data_record(self, item: dict[str, Any]) -> DataRecord:
+        key_attr = self.sort_key_attr or self.key_attr
+        data = item.get(self.data_attr)
+        if data is None:
+            response_data = None
+        elif "B" in data:
+            response_data = zlib.decompress(data["B"]).decode("utf-8")
+        else:
+            response_data = data["S"]
+        in_progress = item.get(self.in_progress_expiry_attr)
+        validation = item.get(self.validation_key_attr)
+        return DataRecord(
+            idempotency_key=item[key_attr]["S"],
+            status=item[self.status_attr]["S"],
+            expiry_timestamp=int(item[self.expiry_attr]["N"]),
+            in_progress_expiry_timestamp=int(in_progress["N"]) if in_progress else None,
+            response_data=response_data,
+            payload_hash=validation["S"] if validation else None,
+        )
+
+    @staticmethod
+    def _encode_data(response_data: str | None) -> AttributeValueTypeDef | None:
+        """The ``data`` attribute: text as Powertools stores it, or zlib-compressed binary when
+        that is smaller (JSON bodies typically shrink four- to tenfold).
+        """
+        if response_data is None:
+            return None
+        raw = response_data.encode("utf-8")
+        if len(raw) >= COMPRESS_MIN_BYTES:
+            compressed = zlib.compress(raw, 6)
+            if len(compressed) < len(raw) * 0.9:
+                return {"B": compressed}
+        return {"S": response_data}
+
+    @staticmethod
+    def _without_body(response_data: str | None) -> str | None:
+        if response_data is None:
+            return None
+        return StoredResponse.decode(response_data).without_body().encode()
+
+    def _item_size(self, data_record: DataRecord, data: AttributeValueTypeDef) -> int:
+        value = data.get("B") or data.get("S") or ""
+        size = len(value) if isinstance(value, bytes) else len(str(value).encode("utf-8"))
+        return size + len(data_record.idempotency_key) + _ITEM_OVERHEAD_BYTES
+
+    def _raise_store_error(self, operation: str, exc: Exception) -> NoReturn:
+        raise IdempotencyPersistenceLayerError(
+            f"DynamoDB {operation} on table {self.table_name!r} failed: {exc}"
+        ) from exc
+
+
+def _number(value: int | None) -> AttributeValueTypeDef:
+    return {"N": str(value if value is not None else 0)}
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_item_too_large(exc: ClientError) -> bool:
+    message = str(exc.response.get("Error", {}).get("Message", ""))
+    return _error_code(exc) == "ValidationException" and "item size" in message.lower()

@@ -1,0 +1,99 @@
+"""The neutral stored response, its serialised form, and RFC 9457 problem responses."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from idem_middleware.exceptions import IdempotencyHTTPError
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+BODY_OMITTED_HEADER = "Idempotent-Body-Omitted"
+
+# Statuses that never carry content and must not be sent a Content-Length (RFC 9110 8.6).
+_BODILESS_STATUSES = frozenset({204, 304})
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A complete HTTP response as captured from the app and replayed to retries.
+
+    Header names keep the case the app sent; values are ``str`` decoded as latin-1, so any byte an
+    app can put in a header survives the round trip.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    body_omitted: bool = False
+
+    def without_body(self) -> StoredResponse:
+        """The record kept when the body is over the stored-size limit."""
+        return replace(self, body=b"", body_omitted=True)
+
+    def for_replay(self, replay_header: str) -> StoredResponse:
+        """The response a retry gets: stored fields, a fresh Content-Length, the replay marker."""
+        headers = [
+            (name, value) for name, value in self.headers if name.lower() != "content-length"
+        ]
+        if self.status not in _BODILESS_STATUSES and not 100 <= self.status < 200:
+            headers.append(("content-length", str(len(self.body))))
+        headers.append((replay_header, "true"))
+        if self.body_omitted:
+            headers.append((BODY_OMITTED_HEADER, "true"))
+        return replace(self, headers=tuple(headers))
+
+    def encode(self) -> str:
+        """Serialise to the JSON string kept in a record's ``data`` attribute.
+
+        UTF-8 bodies (nearly every API response) are stored as text so a record can be read in the
+        DynamoDB console; anything else is base64.
+        """
+        document: dict[str, object] = {"status": self.status, "headers": self.headers}
+        try:
+            document["body"] = self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            document["body_b64"] = base64.b64encode(self.body).decode("ascii")
+        if self.body_omitted:
+            document["body_omitted"] = True
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, data: str) -> StoredResponse:
+        """Inverse of :meth:`encode`; ``ValueError`` when the data is not a stored response."""
+        try:
+            document = json.loads(data)
+            if "body_b64" in document:
+                body = base64.b64decode(document["body_b64"], validate=True)
+            else:
+                body = document.get("body", "").encode("utf-8")
+            return cls(
+                status=int(document["status"]),
+                headers=tuple((str(name), str(value)) for name, value in document["headers"]),
+                body=body,
+                body_omitted=bool(document.get("body_omitted", False)),
+            )
+        except (KeyError, TypeError, AttributeError, binascii.Error, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a stored response: {exc}") from exc
+
+
+def problem_response(error: IdempotencyHTTPError) -> StoredResponse:
+    """An RFC 9457 ``application/problem+json`` response for an error a client can act on."""
+    body = json.dumps(
+        {
+            "type": f"urn:idem-middleware:problem:{error.code}",
+            "title": error.title,
+            "status": error.status,
+            "detail": error.detail,
+            "code": error.code,
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+    headers = [("content-type", PROBLEM_CONTENT_TYPE), ("content-length", str(len(body)))]
+    if error.retry_after is not None:
+        headers.append(("retry-after", str(error.retry_after)))
+    return StoredResponse(status=error.status, headers=tuple(headers), body=body)
