@@ -1,0 +1,273 @@
+"""One test app, twice: Starlette behind IdempotencyMiddleware and Flask behind
+IdempotencyWSGIMiddleware, driven through the same synchronous ``Harness.request`` so that the
+HTTP behaviour table runs unchanged over ASGI and WSGI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from flask import Flask, Response, request
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.responses import Response as StarletteResponse
+from starlette.routing import Route
+from werkzeug.test import Client
+
+from idem_middleware import IdempotencyConfig, IdempotencyMiddleware, IdempotencyWSGIMiddleware
+from idem_middleware.persistence import BasePersistenceLayer
+
+Headers = list[tuple[str, str]]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Headers  # names lower-cased, in order, repeats kept
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers_named(name)
+        return values[0] if values else None
+
+    def headers_named(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def replayed(self) -> bool:
+        return self.header("idempotent-replayed") == "true"
+
+
+@dataclass
+class AppState:
+    """What the handlers did, shared by both apps so tests can count executions."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    harness: Harness | None = None
+
+
+def _order_payload(state: AppState, body: bytes, path: str) -> dict[str, Any]:
+    state.calls["orders"] += 1
+    return {
+        "order": state.calls["orders"],
+        "path": path,
+        "received": body.decode("utf-8", "replace"),
+    }
+
+
+def build_asgi_app(state: AppState) -> Starlette:
+    async def orders(req: Request) -> StarletteResponse:
+        payload = _order_payload(state, await req.body(), req.url.path)
+        response = JSONResponse(payload, status_code=201)
+        response.headers["x-order-count"] = str(state.calls["orders"])
+        response.set_cookie("session", "abc")
+        return response
+
+    async def list_orders(req: Request) -> StarletteResponse:
+        state.calls["list"] += 1
+        return JSONResponse({"count": state.calls["orders"]})
+
+    async def reentrant(req: Request) -> StarletteResponse:
+        state.calls["reentrant"] += 1
+        assert state.harness is not None
+        nested = await state.harness.arequest(
+            "POST",
+            "/reentrant",
+            headers=list(_forwarded(req.headers.items())),
+            body=await req.body(),
+        )
+        return JSONResponse(_nested_summary(nested))
+
+    async def boom(req: Request) -> StarletteResponse:
+        state.calls["boom"] += 1
+        raise RuntimeError("handler failed")
+
+    async def server_error(req: Request) -> StarletteResponse:
+        state.calls["server_error"] += 1
+        return JSONResponse({"error": "unavailable"}, status_code=503)
+
+    async def bad_request(req: Request) -> StarletteResponse:
+        state.calls["bad_request"] += 1
+        return JSONResponse({"error": "amount must be positive"}, status_code=400)
+
+    async def no_content(req: Request) -> StarletteResponse:
+        state.calls["no_content"] += 1
+        return StarletteResponse(status_code=204)
+
+    async def big(req: Request) -> StarletteResponse:
+        state.calls["big"] += 1
+        size = int(req.query_params["size"])
+        return StarletteResponse(b"x" * size, media_type="application/octet-stream")
+
+    async def binary(req: Request) -> StarletteResponse:
+        state.calls["binary"] += 1
+        return StarletteResponse(bytes(range(256)) * 4, media_type="application/octet-stream")
+
+    return Starlette(
+        routes=[
+            Route("/orders", orders, methods=["POST", "PATCH", "PUT"]),
+            Route("/orders", list_orders, methods=["GET"]),
+            Route("/orders/{order_id}", orders, methods=["POST", "PATCH"]),
+            Route("/public/{name}", orders, methods=["POST"]),
+            Route("/reentrant", reentrant, methods=["POST"]),
+            Route("/boom", boom, methods=["POST"]),
+            Route("/server-error", server_error, methods=["POST"]),
+            Route("/bad-request", bad_request, methods=["POST"]),
+            Route("/no-content", no_content, methods=["POST"]),
+            Route("/big", big, methods=["POST"]),
+            Route("/binary", binary, methods=["POST"]),
+        ]
+    )
+
+
+def build_wsgi_app(state: AppState) -> Flask:
+    app = Flask("harness")
+
+    @app.route("/orders", methods=["POST", "PATCH", "PUT"])
+    @app.route("/orders/<order_id>", methods=["POST", "PATCH"])
+    @app.route("/public/<name>", methods=["POST"])
+    def orders(order_id: str | None = None, name: str | None = None) -> Response:
+        payload = _order_payload(state, request.get_data(), request.path)
+        response = app.response_class(
+            json.dumps(payload, separators=(",", ":")), 201, mimetype="application/json"
+        )
+        response.headers["x-order-count"] = str(state.calls["orders"])
+        response.set_cookie("session", "abc")
+        return response
+
+    @app.get("/orders")
+    def list_orders() -> Any:
+        state.calls["list"] += 1
+        return {"count": state.calls["orders"]}
+
+    @app.post("/reentrant")
+    def reentrant() -> Any:
+        state.calls["reentrant"] += 1
+        assert state.harness is not None
+        nested = state.harness.request(
+            "POST",
+            "/reentrant",
+            headers=list(_forwarded(request.headers.items())),
+            body=request.get_data(),
+        )
+        return _nested_summary(nested)
+
+    @app.post("/boom")
+    def boom() -> Any:
+        state.calls["boom"] += 1
+        raise RuntimeError("handler failed")
+
+    @app.post("/server-error")
+    def server_error() -> Any:
+        state.calls["server_error"] += 1
+        return {"error": "unavailable"}, 503
+
+    @app.post("/bad-request")
+    def bad_request() -> Any:
+        state.calls["bad_request"] += 1
+        return {"error": "amount must be positive"}, 400
+
+    @app.post("/no-content")
+    def no_content() -> Any:
+        state.calls["no_content"] += 1
+        return "", 204
+
+    @app.post("/big")
+    def big() -> Any:
+        state.calls["big"] += 1
+        size = int(request.args["size"])
+        return app.response_class(b"x" * size, mimetype="application/octet-stream")
+
+    @app.post("/binary")
+    def binary() -> Any:
+        state.calls["binary"] += 1
+        return app.response_class(bytes(range(256)) * 4, mimetype="application/octet-stream")
+
+    return app
+
+
+def _nested_summary(nested: Reply) -> dict[str, Any]:
+    return {
+        "nested_status": nested.status,
+        "nested": nested.json(),
+        "nested_retry_after": nested.header("retry-after"),
+    }
+
+
+def _forwarded(headers: Any) -> Any:
+    for name, value in headers:
+        if name.lower() in ("idempotency-key", "content-type", "authorization"):
+            yield name, value
+
+
+class Harness:
+    """Sends requests to the app behind the middleware, over ASGI or WSGI."""
+
+    def __init__(
+        self, kind: str, persistence_layer: BasePersistenceLayer, config: IdempotencyConfig
+    ) -> None:
+        self.kind = kind
+        self.state = AppState(harness=self)
+        self.persistence_layer = persistence_layer
+        if kind == "asgi":
+            self.asgi_app = IdempotencyMiddleware(
+                build_asgi_app(self.state), persistence_layer=persistence_layer, config=config
+            )
+        else:
+            flask_app = build_wsgi_app(self.state)
+            flask_app.wsgi_app = IdempotencyWSGIMiddleware(  # type: ignore[method-assign]
+                flask_app.wsgi_app, persistence_layer=persistence_layer, config=config
+            )
+            self.wsgi_client = Client(flask_app)
+
+    @property
+    def calls(self) -> Counter[str]:
+        return self.state.calls
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Headers | None = None,
+        body: bytes | str = b"",
+        json_body: Any = None,
+    ) -> Reply:
+        headers = list(headers or [])
+        if json_body is not None:
+            body = json.dumps(json_body)
+            headers.append(("content-type", "application/json"))
+        data = body.encode() if isinstance(body, str) else body
+        if self.kind == "asgi":
+            return asyncio.run(self.arequest(method, path, headers=headers, body=data))
+        # WSGI carries header bytes as latin-1 text (PEP 3333).
+        wsgi_headers = [(name, value.encode().decode("latin-1")) for name, value in headers]
+        response = self.wsgi_client.open(path, method=method, headers=wsgi_headers, data=data)
+        return Reply(
+            status=response.status_code,
+            headers=[(name.lower(), value) for name, value in response.headers.items()],
+            body=response.get_data(),
+        )
+
+    async def arequest(
+        self, method: str, path: str, *, headers: Headers, body: bytes = b""
+    ) -> Reply:
+        transport = httpx.ASGITransport(app=self.asgi_app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            response = await client.request(
+                method, path, headers=[(n, v.encode()) for n, v in headers], content=body
+            )
+        return Reply(
+            status=response.status_code,
+            headers=[(name.lower(), value) for name, value in response.headers.multi_items()],
+            body=response.content,
+        )
