@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from idem_middleware.persistence.base import BasePersistenceLayer
 from tests.support import dynamodb_local
+from tests.support.backends import backend_params
 
 # Credentials for DynamoDB Local / moto; never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -33,8 +35,15 @@ def dynamodb_endpoint(dynamodb_server: dynamodb_local.DynamoDBServer) -> str:
 @pytest.fixture(scope="session")
 def dynamodb_client(dynamodb_endpoint: str) -> Any:
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("dynamodb", endpoint_url=dynamodb_endpoint, region_name="us-east-1")
+    # A pool as large as the widest thread race in the tests, so no connection is discarded.
+    return boto3.client(
+        "dynamodb",
+        endpoint_url=dynamodb_endpoint,
+        region_name="us-east-1",
+        config=Config(max_pool_connections=64),
+    )
 
 
 @pytest.fixture
@@ -46,3 +55,11 @@ def dynamodb_table(dynamodb_client: Any) -> Iterator[str]:
     DynamoDBPersistenceLayer(name, boto3_client=dynamodb_client).create_table()
     yield name
     dynamodb_client.delete_table(TableName=name)
+
+
+@pytest.fixture(params=backend_params())
+def persistence_layer(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    """A fresh, not yet configured layer on an empty store, once per backend in
+    ``tests.support.backends.BACKENDS`` (test ids are the backend names).
+    """
+    return request.param.make(request)  # type: ignore[no-any-return]
