@@ -208,7 +208,7 @@ class IdempotentExchange:
                 "type": "http.response.start",
                 "status": response.status,
                 "headers": [
-                    (name.encode("latin-1"), value.encode("latin-1"))
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
                     for name, value in response.headers
                 ],
             }
