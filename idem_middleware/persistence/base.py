@@ -110,16 +110,18 @@ class BasePersistenceLayer(ABC):
 
         Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
         """
+        response_data = response.encode()
         record = DataRecord(
             idempotency_key=lease.idempotency_key,
             status=STATUS_COMPLETED,
             expiry_timestamp=int(self.clock()) + self.config.expires_after_seconds,
             in_progress_expiry_timestamp=lease.in_progress_expiry_timestamp,
-            response_data=response.encode(),
+            response_data=response_data,
             payload_hash=lease.payload_hash,
         )
         self._update_record(record)
-        record.response = response  # replays from this process skip decoding
+        if record.response_data == response_data:  # else the store kept less (body omitted)
+            record.response = response  # replays from this process skip decoding
         self._save_to_cache(record)
         return record
 
@@ -196,6 +198,8 @@ class BasePersistenceLayer(ABC):
     def _update_record(self, data_record: DataRecord) -> None:
         """Replace the record, only while it is INPROGRESS under the same lease token
         (``in_progress_expiry_timestamp``); otherwise raise :class:`IdempotencyLeaseLostError`.
+        A store that can only keep the response without its body sets ``response_data`` to
+        what it kept.
         """
 
     @abstractmethod

@@ -139,9 +139,14 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         return self._item_to_data_record(item)
 
     def _update_record(self, data_record: DataRecord) -> None:
+        """Over the item limit even compressed, the response is stored without its body, and
+        ``data_record.response_data`` says so: the record this process keeps (and caches) must
+        replay what every other process replays.
+        """
         data = self._encode_data(data_record.response_data)
         if data is not None and self._item_size(data_record, data) > MAX_ITEM_BYTES:
-            data = self._encode_data(self._without_body(data_record.response_data))
+            data_record.response_data = self._without_body(data_record.response_data)
+            data = self._encode_data(data_record.response_data)
         try:
             self._conditional_update(data_record, data)
         except ClientError as exc:
@@ -149,8 +154,12 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
                 raise
             # Our estimate of the item size was short of DynamoDB's: drop the body rather than
             # fail a request whose handler has already run.
-            data = self._encode_data(self._without_body(data_record.response_data))
-            self._conditional_update(data_record, data)
+            data_record.response_data = self._without_body(data_record.response_data)
+            data = self._encode_data(data_record.response_data)
+            try:
+                self._conditional_update(data_record, data)
+            except ClientError as retry_exc:  # too large even without the body (huge headers)
+                self._raise_store_error("UpdateItem", retry_exc)
 
     def _conditional_update(
         self, data_record: DataRecord, data: AttributeValueTypeDef | None
