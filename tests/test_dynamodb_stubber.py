@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import pytest
@@ -15,7 +15,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 from botocore.stub import Stubber
 
-from idem_middleware.config import IdempotencyConfig
+from idem_middleware.config import IdempotencyConfig, StoreErrorPolicy
 from idem_middleware.engine import (
     IdempotencyEngine,
     IdempotencyEvent,
@@ -249,7 +249,7 @@ def test_failed_lease_condition_is_lease_lost(
     lease = layer.save_inprogress(key, HASH)
     stubber.add_client_error(operation, service_error_code="ConditionalCheckFailedException")
 
-    finish = {
+    finish: Callable[[], object] = {
         "update_item": lambda: layer.save_success(lease, RESPONSE),
         "delete_item": lambda: layer.delete_record(lease),
     }[operation]
@@ -386,7 +386,7 @@ def _fault(kind: str) -> Callable[..., Any]:
             {"__type": f"com.amazonaws.dynamodb.v20120810#{kind}", "message": "injected"}
         ).encode()
         headers = {"content-type": "application/x-amz-json-1.0", "x-amzn-requestid": "fault"}
-        return AWSResponse(request.url, 400, headers, _Body(body))
+        return AWSResponse(request.url, 400, cast(Any, headers), _Body(body))
 
     return handler
 
@@ -462,7 +462,9 @@ def _request() -> IdempotencyRequest:
     )
 
 
-def _engine(client: Any, on_store_error: str, events: list[IdempotencyEvent]) -> IdempotencyEngine:
+def _engine(
+    client: Any, on_store_error: StoreErrorPolicy, events: list[IdempotencyEvent]
+) -> IdempotencyEngine:
     layer = DynamoDBPersistenceLayer(TABLE, boto3_client=client)
     return IdempotencyEngine(
         layer, IdempotencyConfig(on_store_error=on_store_error, on_event=events.append)
@@ -507,7 +509,9 @@ def test_engine_passes_through_when_configured_to(client: Any, stubber: Stubber,
     ("on_store_error", "decision_type"), [("reject", Respond), ("passthrough", PassThrough)]
 )
 def test_engine_with_an_unreachable_store(
-    unreachable_layer: DynamoDBPersistenceLayer, on_store_error: str, decision_type: type
+    unreachable_layer: DynamoDBPersistenceLayer,
+    on_store_error: StoreErrorPolicy,
+    decision_type: type,
 ) -> None:
     layer = DynamoDBPersistenceLayer(TABLE, boto3_client=unreachable_layer.client)
     engine = IdempotencyEngine(layer, IdempotencyConfig(on_store_error=on_store_error))
