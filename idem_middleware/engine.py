@@ -284,7 +284,7 @@ class IdempotencyEngine:
                 request.path,
                 attempt.lease.idempotency_key,
                 status=response.status,
-                detail=f"response not stored: {error.__cause__ or error}",
+                detail=f"response not stored: {error}",
                 level=logging.ERROR,
             )
         else:
@@ -312,7 +312,7 @@ class IdempotencyEngine:
                 request.path,
                 attempt.lease.idempotency_key,
                 status=status,
-                detail=f"key not released, retries wait for the lease: {error.__cause__ or error}",
+                detail=f"key not released, retries wait for the lease: {error}",
                 level=logging.ERROR,
             )
         else:
@@ -354,15 +354,19 @@ class IdempotencyEngine:
             request.path,
             key,
             status=None if passthrough else error.status,
-            detail=(
-                f"{'running un-deduplicated' if passthrough else 'rejected'}: "
-                f"{error.__cause__ or error}"
-            ),
+            detail=f"{'running un-deduplicated' if passthrough else 'rejected'}: {error}",
             level=logging.WARNING,
         )
         if passthrough:
             return PASS_THROUGH
-        return Respond(problem_response(error))
+        # The log has the cause; the client learns only that it should retry later.
+        return Respond(
+            problem_response(
+                IdempotencyPersistenceLayerError(
+                    "the idempotency store is unavailable; retry after the delay given"
+                )
+            )
+        )
 
     def _lease_lost(self, attempt: Proceed) -> None:
         self._emit(

@@ -167,6 +167,36 @@ def test_reads_an_item_written_by_another_writer(
     assert record.response == RESPONSE
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"status": {"S": "WEIRD"}},
+        {"data": {"B": b"not zlib"}},
+        {"expiration": {"S": "soon"}},
+    ],
+    ids=["unknown-status", "corrupt-compressed-data", "wrong-type"],
+)
+def test_an_unreadable_item_is_a_store_error_not_a_crash(
+    make_layer: MakeLayer, dynamodb_table: str, dynamodb_client: Any, damage: dict[str, Any]
+) -> None:
+    layer = make_layer(dynamodb_table)
+    key = layer.build_idempotency_key("header:damaged")
+    item = {
+        "id": {"S": key},
+        "expiration": {"N": str(int(layer.clock()) + 100)},
+        "status": {"S": "COMPLETED"},
+        "data": {"S": RESPONSE.encode()},
+        **damage,
+    }
+    dynamodb_client.put_item(TableName=dynamodb_table, Item=item)
+
+    with pytest.raises(IdempotencyPersistenceLayerError, match="unreadable"):
+        layer.get_record(key)
+    with pytest.raises(IdempotencyPersistenceLayerError, match="unreadable"):
+        layer.save_inprogress(key, HASH)  # the collision path reads the old item too
+    assert raw_item(dynamodb_client, dynamodb_table, {"id": {"S": key}}) == item
+
+
 def test_custom_attribute_names(
     make_layer: MakeLayer, table_names: Callable[[], str], dynamodb_client: Any
 ) -> None:

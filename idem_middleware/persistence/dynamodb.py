@@ -18,6 +18,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from idem_middleware.exceptions import (
+    IdempotencyInvalidStatusError,
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
@@ -275,6 +276,15 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         }
 
     def _item_to_data_record(self, item: dict[str, Any]) -> DataRecord:
+        try:
+            return self._parse_item(item)
+        except (KeyError, TypeError, ValueError, zlib.error, IdempotencyInvalidStatusError) as exc:
+            # A record this layer cannot read is a store fault (503), never a 500.
+            raise IdempotencyPersistenceLayerError(
+                f"unreadable idempotency record in table {self.table_name!r}: {exc!r}"
+            ) from exc
+
+    def _parse_item(self, item: dict[str, Any]) -> DataRecord:
         key_attr = self.sort_key_attr or self.key_attr
         data = item.get(self.data_attr)
         if data is None:
