@@ -1,0 +1,660 @@
+"""SQLitePersistenceLayer against real SQLite files: claim, collision, fencing, expiry, purge,
+store errors and concurrency between threads (processes: test_sqlite_multiprocess.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idem_middleware import IdempotencyConfig
+from idem_middleware.exceptions import (
+    IdempotencyItemAlreadyExistsError,
+    IdempotencyItemNotFoundError,
+    IdempotencyLeaseLostError,
+    IdempotencyPersistenceLayerError,
+)
+from idem_middleware.persistence import SQLitePersistenceLayer
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.responses import StoredResponse
+
+START = 1_700_000_000.25
+CONFIG = IdempotencyConfig(expires_after_seconds=3600, in_progress_expires_after_seconds=30)
+BINARY_BODY = bytes(range(256)) + b"\x00\xff\xfe" + "é☃".encode()
+RESPONSE = StoredResponse(
+    status=201,
+    headers=(("Content-Type", "application/octet-stream"), ("X-Trace", "caf\xe9")),
+    body=BINARY_BODY,
+)
+
+
+class FakeClock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_layer(path: Path, clock: FakeClock, **options: Any) -> SQLitePersistenceLayer:
+    layer = SQLitePersistenceLayer(path, **options)
+    layer.configure(CONFIG)
+    layer.clock = clock
+    return layer
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "idempotency.sqlite3"
+
+
+@pytest.fixture
+def layer(db_path: Path, clock: FakeClock) -> Iterator[SQLitePersistenceLayer]:
+    layer = make_layer(db_path, clock)
+    yield layer
+    layer.close()
+
+
+def raw_rows(path: Path, table: str = "idempotency_records") -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as connection:
+        return connection.execute(
+            f"SELECT id, status, expiration, in_progress_expiration, data, validation "
+            f"FROM {table} ORDER BY id"
+        ).fetchall()
+
+
+# Claim and collision --------------------------------------------------------------------------
+
+
+def test_claim_stores_an_inprogress_record(
+    layer: SQLitePersistenceLayer, db_path: Path, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    lease = layer.save_inprogress(key, "hash-a")
+
+    assert lease.status == STATUS_INPROGRESS
+    assert lease.expiry_timestamp == int(START) + 3600
+    assert lease.in_progress_expiry_timestamp == int((START + 30) * 1000)
+    assert raw_rows(db_path) == [
+        (key, STATUS_INPROGRESS, int(START) + 3600, int((START + 30) * 1000), None, "hash-a")
+    ]
+    stored = layer.get_record(key)
+    assert (stored.status, stored.payload_hash) == (STATUS_INPROGRESS, "hash-a")
+    assert stored.in_progress_expiry_timestamp == lease.in_progress_expiry_timestamp
+
+
+def test_collision_returns_the_existing_record_from_the_claim_itself(
+    layer: SQLitePersistenceLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    first = layer.save_inprogress(key, "hash-a")
+
+    def no_second_read(idempotency_key: str) -> DataRecord:
+        raise AssertionError("the collision must not need a separate read")
+
+    monkeypatch.setattr(layer, "_get_record", no_second_read)
+    with pytest.raises(IdempotencyItemAlreadyExistsError) as caught:
+        layer.save_inprogress(key, "hash-b")
+
+    existing = caught.value.old_data_record
+    assert existing is not None
+    assert existing.idempotency_key == key
+    assert existing.status == STATUS_INPROGRESS
+    assert existing.payload_hash == "hash-a"
+    assert existing.in_progress_expiry_timestamp == first.in_progress_expiry_timestamp
+
+
+def test_collision_with_a_completed_record_carries_its_response(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    layer.save_success(layer.save_inprogress(key, "hash-a"), RESPONSE)
+    clock.advance(600)  # past the lease: a completed record still blocks
+
+    with pytest.raises(IdempotencyItemAlreadyExistsError) as caught:
+        layer.save_inprogress(key, "hash-a")
+
+    existing = caught.value.old_data_record
+    assert existing is not None
+    assert existing.status == STATUS_COMPLETED
+    assert existing.response == RESPONSE
+
+
+def test_distinct_keys_do_not_collide(layer: SQLitePersistenceLayer, db_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        layer.save_inprogress(layer.build_idempotency_key(name), f"hash-{name}")
+    assert [row[5] for row in raw_rows(db_path)] == sorted(["hash-a", "hash-b", "hash-c"])
+
+
+# Completion ------------------------------------------------------------------------------------
+
+
+def test_save_success_round_trips_a_binary_response_byte_exact(
+    layer: SQLitePersistenceLayer, db_path: Path, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    lease = layer.save_inprogress(key, "hash-a")
+    clock.advance(2)
+    completed = layer.save_success(lease, RESPONSE)
+
+    assert completed.expiry_timestamp == int(START + 2) + 3600
+    # A second layer on the same file (a new connection, as another worker would use) reads
+    # exactly what was written.
+    reader = make_layer(db_path, clock)
+    try:
+        stored = reader.get_record(key, payload_hash="hash-a")
+    finally:
+        reader.close()
+    assert stored.status == STATUS_COMPLETED
+    assert stored.expiry_timestamp == completed.expiry_timestamp
+    assert stored.in_progress_expiry_timestamp == lease.in_progress_expiry_timestamp
+    assert stored.response is not None
+    assert stored.response.body == BINARY_BODY
+    assert stored.response == RESPONSE
+
+
+def test_completing_twice_with_one_lease_is_refused(layer: SQLitePersistenceLayer) -> None:
+    key = layer.build_idempotency_key("order-1")
+    lease = layer.save_inprogress(key, "hash-a")
+    layer.save_success(lease, RESPONSE)
+
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer.save_success(lease, StoredResponse(500, (), b"other"))
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer.delete_record(lease)
+    stored = layer.get_record(key)
+    assert stored.response == RESPONSE
+
+
+def test_release_deletes_the_record_so_the_key_runs_again(
+    layer: SQLitePersistenceLayer, db_path: Path
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    layer.delete_record(layer.save_inprogress(key, "hash-a"))
+
+    assert raw_rows(db_path) == []
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(key)
+    assert layer.save_inprogress(key, "hash-b").payload_hash == "hash-b"
+
+
+def test_get_record_of_unknown_key_raises_not_found(layer: SQLitePersistenceLayer) -> None:
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(layer.build_idempotency_key("never-seen"))
+
+
+# Expiry and lease takeover ---------------------------------------------------------------------
+
+
+def test_completed_record_expires_with_the_clock(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    completed = layer.save_success(layer.save_inprogress(key, "hash-a"), RESPONSE)
+    assert completed.expiry_timestamp is not None
+
+    clock.now = completed.expiry_timestamp + 0.999  # the last second it is live
+    assert layer.get_record(key).status == STATUS_COMPLETED
+    with pytest.raises(IdempotencyItemAlreadyExistsError):
+        layer.save_inprogress(key, "hash-a")
+
+    clock.now = completed.expiry_timestamp + 1.0
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(key)
+    lease = layer.save_inprogress(key, "hash-b")
+    stored = layer.get_record(key)
+    assert (stored.status, stored.payload_hash, stored.response) == (
+        STATUS_INPROGRESS,
+        "hash-b",
+        None,
+    )
+    assert stored.in_progress_expiry_timestamp == lease.in_progress_expiry_timestamp
+
+
+def test_lease_is_taken_over_only_after_it_expires(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    first = layer.save_inprogress(key, "hash-a")
+
+    clock.advance(29.9)
+    with pytest.raises(IdempotencyItemAlreadyExistsError):
+        layer.save_inprogress(key, "hash-b")
+
+    clock.advance(0.2)
+    second = layer.save_inprogress(key, "hash-b")
+    assert second.in_progress_expiry_timestamp is not None
+    assert first.in_progress_expiry_timestamp is not None
+    assert second.in_progress_expiry_timestamp > first.in_progress_expiry_timestamp
+    assert layer.get_record(key).payload_hash == "hash-b"
+
+
+def test_stale_owner_cannot_complete_a_taken_over_record(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    stale = layer.save_inprogress(key, "hash-a")
+    clock.advance(31)
+    fresh = layer.save_inprogress(key, "hash-b")
+
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer.save_success(stale, StoredResponse(200, (), b"stale"))
+
+    stored = layer.get_record(key)
+    assert stored.status == STATUS_INPROGRESS
+    assert stored.payload_hash == "hash-b"
+    assert stored.in_progress_expiry_timestamp == fresh.in_progress_expiry_timestamp
+    assert stored.response_data is None
+    layer.save_success(fresh, RESPONSE)
+    assert layer.get_record(key).response == RESPONSE
+
+
+def test_stale_owner_cannot_release_a_taken_over_record(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    stale = layer.save_inprogress(key, "hash-a")
+    clock.advance(31)
+    fresh = layer.save_inprogress(key, "hash-b")
+
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer.delete_record(stale)
+
+    stored = layer.get_record(key)
+    assert stored.payload_hash == "hash-b"
+    assert stored.in_progress_expiry_timestamp == fresh.in_progress_expiry_timestamp
+    layer.delete_record(fresh)
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(key)
+
+
+def test_owner_whose_lease_ran_out_unclaimed_may_still_complete(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    lease = layer.save_inprogress(key, "hash-a")
+    clock.advance(120)  # lease expired, but nobody took the key over
+    layer.save_success(lease, RESPONSE)
+    assert layer.get_record(key).response == RESPONSE
+
+
+# Purge -----------------------------------------------------------------------------------------
+
+
+def test_purge_expired_deletes_only_expired_rows_in_batches(
+    db_path: Path, clock: FakeClock
+) -> None:
+    layer = make_layer(db_path, clock, purge_batch_size=3)
+    try:
+        old_keys = [layer.build_idempotency_key(f"old-{i}") for i in range(10)]
+        for key in old_keys:
+            layer.save_inprogress(key, "old")
+        clock.advance(1800)
+        fresh_key = layer.build_idempotency_key("fresh")
+        layer.save_inprogress(fresh_key, "fresh")
+        clock.advance(1801)  # old records past expiry, the fresh one still live
+
+        assert layer.purge_expired() == 10
+        assert [row[0] for row in raw_rows(db_path)] == [fresh_key]
+        assert layer.purge_expired() == 0
+    finally:
+        layer.close()
+
+
+def test_claims_purge_expired_rows_every_interval(db_path: Path, clock: FakeClock) -> None:
+    layer = make_layer(db_path, clock, purge_interval_seconds=600)
+    try:
+        for i in range(20):
+            layer.save_inprogress(layer.build_idempotency_key(f"old-{i}"), "old")
+        assert len(raw_rows(db_path)) == 20
+
+        clock.advance(3601)  # all 20 have expired; the last purge ran at START
+        layer.save_inprogress(layer.build_idempotency_key("new-1"), "new")
+        assert [row[5] for row in raw_rows(db_path)] == ["new"]
+
+        clock.advance(3601)
+        layer.save_inprogress(layer.build_idempotency_key("new-2"), "new-2")
+        clock.advance(60)  # before the next interval: no purge yet
+        layer.save_inprogress(layer.build_idempotency_key("new-3"), "new-3")
+        assert sorted(row[5] for row in raw_rows(db_path)) == ["new-2", "new-3"]
+    finally:
+        layer.close()
+
+
+# Schema and options ----------------------------------------------------------------------------
+
+
+def test_schema_mirrors_dynamodb_attributes_and_uses_wal(
+    layer: SQLitePersistenceLayer, db_path: Path
+) -> None:
+    layer.save_inprogress(layer.build_idempotency_key("x"), "h")
+    with sqlite3.connect(db_path) as connection:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(idempotency_records)")]
+        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+    assert columns == ["id", "status", "expiration", "in_progress_expiration", "data", "validation"]
+    assert mode == "wal"
+
+
+def test_tables_in_one_file_are_independent(db_path: Path, clock: FakeClock) -> None:
+    first = make_layer(db_path, clock, table_name="orders_idem")
+    second = make_layer(db_path, clock, table_name="payments_idem")
+    try:
+        key = first.build_idempotency_key("same-key")
+        first.save_inprogress(key, "orders")
+        second.save_inprogress(key, "payments")
+        assert [row[5] for row in raw_rows(db_path, "orders_idem")] == ["orders"]
+        assert [row[5] for row in raw_rows(db_path, "payments_idem")] == ["payments"]
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "options"),
+    [
+        ((":memory:",), {}),
+        (("",), {}),
+        (("x.db",), {"table_name": "records; DROP TABLE users"}),
+        (("x.db",), {"busy_timeout_seconds": -1}),
+        (("x.db",), {"purge_batch_size": 0}),
+        (("x.db",), {"synchronous": "SOMETIMES"}),
+    ],
+)
+def test_invalid_options_are_rejected(args: tuple[str], options: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SQLitePersistenceLayer(*args, **options)  # type: ignore[arg-type]
+
+
+def test_close_then_reuse_reopens(layer: SQLitePersistenceLayer) -> None:
+    key = layer.build_idempotency_key("order-1")
+    layer.save_inprogress(key, "hash-a")
+    layer.close()
+    assert layer.get_record(key).payload_hash == "hash-a"
+
+
+# Store errors ----------------------------------------------------------------------------------
+
+
+def test_missing_directory_is_a_persistence_error(tmp_path: Path, clock: FakeClock) -> None:
+    layer = make_layer(tmp_path / "no-such-dir" / "idem.sqlite3", clock)
+    key = layer.build_idempotency_key("order-1")
+    lease = DataRecord(key, STATUS_INPROGRESS, int(START) + 10, int(START * 1000) + 10)
+
+    for operation in (
+        lambda: layer.save_inprogress(key, "hash-a"),
+        lambda: layer.get_record(key),
+        lambda: layer.save_success(lease, RESPONSE),
+        lambda: layer.delete_record(lease),
+        layer.purge_expired,
+    ):
+        with pytest.raises(IdempotencyPersistenceLayerError) as caught:
+            operation()
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+        assert caught.value.status == 503
+
+
+def test_write_lock_held_past_busy_timeout_is_a_persistence_error(
+    db_path: Path, clock: FakeClock
+) -> None:
+    layer = make_layer(db_path, clock, busy_timeout_seconds=0.2)
+    key = layer.build_idempotency_key("order-1")
+    lease = layer.save_inprogress(key, "hash-a")
+
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(IdempotencyPersistenceLayerError) as caught:
+            layer.save_inprogress(layer.build_idempotency_key("order-2"), "hash-b")
+        waited = time.monotonic() - started
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+        assert "locked" in str(caught.value.__cause__)
+        assert 0.15 <= waited < 3
+        with pytest.raises(IdempotencyPersistenceLayerError):
+            layer.save_success(lease, RESPONSE)
+        # WAL: readers are not blocked by the writer.
+        assert layer.get_record(key).status == STATUS_INPROGRESS
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    # The lock is gone: the same layer (and its connection) works again.
+    layer.save_success(lease, RESPONSE)
+    assert layer.get_record(key).response == RESPONSE
+    layer.close()
+
+
+def test_failed_purge_does_not_fail_the_claim(
+    layer: SQLitePersistenceLayer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_purge(now: float | None = None) -> int:
+        raise IdempotencyPersistenceLayerError("purge failed")
+
+    monkeypatch.setattr(layer, "purge_expired", broken_purge)
+    lease = layer.save_inprogress(layer.build_idempotency_key("order-1"), "hash-a")
+    assert lease.payload_hash == "hash-a"
+    assert "purging expired idempotency records failed" in caplog.text
+
+
+# Concurrency -----------------------------------------------------------------------------------
+
+
+def test_fifty_threads_claiming_one_key_make_exactly_one_winner(
+    layer: SQLitePersistenceLayer,
+) -> None:
+    key = layer.build_idempotency_key("contended")
+    threads_count = 50
+    barrier = threading.Barrier(threads_count)
+    winners: list[str] = []
+    seen_by_losers: list[str | None] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def claim(index: int) -> None:
+        barrier.wait()
+        try:
+            layer.save_inprogress(key, f"thread-{index}")
+        except IdempotencyItemAlreadyExistsError as exc:
+            with lock:
+                record = exc.old_data_record
+                seen_by_losers.append(None if record is None else record.payload_hash)
+        except BaseException as exc:  # collected and asserted below
+            with lock:
+                errors.append(exc)
+        else:
+            with lock:
+                winners.append(f"thread-{index}")
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert len(winners) == 1
+    assert len(seen_by_losers) == threads_count - 1
+    assert set(seen_by_losers) == {winners[0]}
+    assert layer.get_record(key).payload_hash == winners[0]
+
+
+def test_concurrent_takeover_of_an_expired_lease_has_one_winner(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("crashed")
+    layer.save_inprogress(key, "crashed-owner")
+    clock.advance(31)  # the first owner "crashed": its lease has run out
+    threads_count = 20
+    barrier = threading.Barrier(threads_count)
+    outcomes: list[bool] = []
+
+    def claim(index: int) -> None:
+        barrier.wait()
+        try:
+            layer.save_inprogress(key, f"thread-{index}")
+        except IdempotencyItemAlreadyExistsError:
+            outcomes.append(False)
+        else:
+            outcomes.append(True)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert sorted(outcomes) == [False] * (threads_count - 1) + [True]
+    assert layer.get_record(key).payload_hash != "crashed-owner"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_never_hands_an_open_connection_to_the_child(
+    layer: SQLitePersistenceLayer,
+) -> None:
+    parent_key = layer.build_idempotency_key("parent")
+    layer.save_inprogress(parent_key, "parent")  # the parent now holds a connection
+    parent_connection = layer._local.connection
+    assert parent_connection is not None
+    child_key = layer.build_idempotency_key("child")
+
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        code = 1
+        try:
+            inherited = layer._local.connection
+            layer.save_inprogress(child_key, "child")
+            fresh = layer._local.connection
+            if inherited is not None:
+                code = 2
+            elif fresh is None or fresh is parent_connection or layer._local.pid != os.getpid():
+                code = 3
+            else:
+                code = 0
+        except BaseException:
+            code = 4
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent closed its connection just before the fork and reopens on next use.
+    with pytest.raises(sqlite3.ProgrammingError):
+        parent_connection.execute("SELECT 1")
+    assert layer.get_record(child_key).payload_hash == "child"
+    assert layer.get_record(parent_key).payload_hash == "parent"
+    assert layer._local.connection is not parent_connection
+
+
+def test_connection_of_an_ended_thread_is_closed(layer: SQLitePersistenceLayer) -> None:
+    key = layer.build_idempotency_key("order-1")
+    layer.save_inprogress(key, "hash-a")
+    opened: list[weakref.ref[sqlite3.Connection]] = []
+
+    def read() -> None:
+        layer.get_record(key)
+        assert layer._local.connection is not None
+        opened.append(weakref.ref(layer._local.connection))
+
+    for _ in range(20):  # a server that starts one thread per request
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+    gc.collect()
+
+    assert len(opened) == 20
+    assert [ref() for ref in opened] == [None] * 20  # released, hence closed
+    assert len(layer._connections) == 1  # the main thread's
+
+
+def test_close_closes_the_connections_of_every_thread(layer: SQLitePersistenceLayer) -> None:
+    key = layer.build_idempotency_key("order-1")
+    layer.save_inprogress(key, "hash-a")
+    ready, done = threading.Event(), threading.Event()
+    seen: list[sqlite3.Connection] = []
+
+    def worker() -> None:
+        layer.get_record(key)
+        assert layer._local.connection is not None
+        seen.append(layer._local.connection)
+        ready.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    ready.wait(10)
+    main_connection = layer._local.connection
+    assert main_connection is not None
+    layer.close()
+    try:
+        for connection in (main_connection, seen[0]):
+            with pytest.raises(sqlite3.ProgrammingError):
+                connection.execute("SELECT 1")
+    finally:
+        done.set()
+        thread.join()
+    assert layer.get_record(key).payload_hash == "hash-a"
+
+
+def test_switch_to_wal_waits_for_a_writer_of_a_rollback_journal_file(
+    db_path: Path, clock: FakeClock
+) -> None:
+    # A file created by something else in the default (rollback journal) mode, with a writer in
+    # the middle of a transaction. SQLite fails the switch to WAL at once in this case (its busy
+    # handler is skipped to avoid a deadlock); the layer must wait for the writer instead.
+    with sqlite3.connect(db_path) as setup:
+        setup.execute("CREATE TABLE other (x INTEGER)")
+    writer = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    release = threading.Timer(0.3, lambda: writer.execute("COMMIT"))
+    release.start()
+    layer = make_layer(db_path, clock, busy_timeout_seconds=5)
+    try:
+        started = time.monotonic()
+        layer.save_inprogress(layer.build_idempotency_key("order-1"), "hash-a")
+        assert time.monotonic() - started >= 0.25
+    finally:
+        release.join()
+        writer.close()
+        layer.close()
+    with sqlite3.connect(db_path) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_switch_to_wal_blocked_past_busy_timeout_is_a_persistence_error(
+    db_path: Path, clock: FakeClock
+) -> None:
+    with sqlite3.connect(db_path) as setup:
+        setup.execute("CREATE TABLE other (x INTEGER)")
+    writer = sqlite3.connect(db_path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    layer = make_layer(db_path, clock, busy_timeout_seconds=0.2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(IdempotencyPersistenceLayerError) as caught:
+            layer.save_inprogress(layer.build_idempotency_key("order-1"), "hash-a")
+        assert 0.15 <= time.monotonic() - started < 3
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    finally:
+        writer.execute("COMMIT")
+        writer.close()
+    layer.save_inprogress(layer.build_idempotency_key("order-1"), "hash-a")  # lock gone
+    layer.close()
