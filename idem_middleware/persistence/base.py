@@ -110,18 +110,15 @@ class BasePersistenceLayer(ABC):
 
         Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
         """
-        response_data = response.encode()
         record = DataRecord(
             idempotency_key=lease.idempotency_key,
             status=STATUS_COMPLETED,
             expiry_timestamp=int(self.clock()) + self.config.expires_after_seconds,
             in_progress_expiry_timestamp=lease.in_progress_expiry_timestamp,
-            response_data=response_data,
             payload_hash=lease.payload_hash,
+            response=response,
         )
         self._update_record(record)
-        if record.response_data == response_data:  # else the store kept less (body omitted)
-            record.response = response  # replays from this process skip decoding
         self._save_to_cache(record)
         return record
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
 
 from idem_middleware.exceptions import IdempotencyInvalidStatusError
 from idem_middleware.responses import StoredResponse
@@ -15,7 +13,6 @@ STATUS_EXPIRED = "EXPIRED"
 STATUSES = frozenset({STATUS_INPROGRESS, STATUS_COMPLETED, STATUS_EXPIRED})
 
 
-@dataclass(eq=False)
 class DataRecord:
     """An idempotency record (the Powertools ``DataRecord``, plus the HTTP response it replays).
 
@@ -23,20 +20,71 @@ class DataRecord:
     ``in_progress_expiry_timestamp`` is epoch milliseconds and doubles as the lease token: each
     claim sets a later value than the lease it replaces, so completion and release can be made
     conditional on it.
+
+    The response is held in whichever form the record was made with - the serialised
+    ``response_data`` a store reads back, or the ``response`` an app just produced - and the
+    other form is derived on first use, so a store that keeps objects never serialises.
     """
 
-    idempotency_key: str
-    status: str = ""
-    expiry_timestamp: int | None = None
-    in_progress_expiry_timestamp: int | None = None
-    response_data: str | None = field(default=None, repr=False)
-    payload_hash: str | None = None
+    __slots__ = (
+        "_response",
+        "_response_data",
+        "expiry_timestamp",
+        "idempotency_key",
+        "in_progress_expiry_timestamp",
+        "payload_hash",
+        "status",
+    )
 
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise IdempotencyInvalidStatusError(
-                f"unknown idempotency record status {self.status!r}"
-            )
+    def __init__(
+        self,
+        idempotency_key: str,
+        status: str = "",
+        expiry_timestamp: int | None = None,
+        in_progress_expiry_timestamp: int | None = None,
+        response_data: str | None = None,
+        payload_hash: str | None = None,
+        *,
+        response: StoredResponse | None = None,
+    ) -> None:
+        if status not in STATUSES:
+            raise IdempotencyInvalidStatusError(f"unknown idempotency record status {status!r}")
+        self.idempotency_key = idempotency_key
+        self.status = status
+        self.expiry_timestamp = expiry_timestamp
+        self.in_progress_expiry_timestamp = in_progress_expiry_timestamp
+        self.payload_hash = payload_hash
+        self._response_data = response_data
+        self._response = response
+
+    @property
+    def response_data(self) -> str | None:
+        """The response serialised for a store (see :meth:`StoredResponse.encode`)."""
+        if self._response_data is None and self._response is not None:
+            self._response_data = self._response.encode()
+        return self._response_data
+
+    @response_data.setter
+    def response_data(self, value: str | None) -> None:
+        # A store that kept less than it was given (a body too large) says so here.
+        self._response_data = value
+        self._response = None
+
+    @property
+    def response(self) -> StoredResponse | None:
+        """The stored response; ``ValueError`` when ``response_data`` is not one."""
+        if self._response is None and self._response_data is not None:
+            self._response = StoredResponse.decode(self._response_data)
+        return self._response
+
+    def __repr__(self) -> str:
+        # Never the response: bodies stay out of logs and tracebacks.
+        return (
+            f"DataRecord(idempotency_key={self.idempotency_key!r}, status={self.status!r}, "
+            f"expiry_timestamp={self.expiry_timestamp!r}, "
+            f"in_progress_expiry_timestamp={self.in_progress_expiry_timestamp!r}, "
+            f"payload_hash={self.payload_hash!r})"
+        )
 
     def is_expired(self, now: float | None = None) -> bool:
         if self.expiry_timestamp is None:
@@ -60,8 +108,3 @@ class DataRecord:
     def current_status(self, now: float | None = None) -> str:
         """``status``, or EXPIRED once the record has outlived its expiry."""
         return STATUS_EXPIRED if self.is_expired(now) else self.status
-
-    @cached_property
-    def response(self) -> StoredResponse | None:
-        """The stored response, decoded once per record object."""
-        return None if self.response_data is None else StoredResponse.decode(self.response_data)
