@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from idem_middleware.persistence.base import BasePersistenceLayer
-from tests.support import dynamodb_local
+from tests.support import dynamodb_local, redis_server
 from tests.support.backends import backend_params
 
 # Credentials for DynamoDB Local / moto; never real ones.
@@ -44,6 +44,19 @@ def dynamodb_client(dynamodb_endpoint: str) -> Any:
         region_name="us-east-1",
         config=Config(max_pool_connections=64),
     )
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private redis-server for the session (or IDEM_TEST_REDIS_URL where none is installed)."""
+    server = redis_server.start()
+    try:
+        if not server.is_serving():
+            raise RuntimeError(f"no Redis server: {server.implementation} does not answer PING")
+        print(f"\nRedis tests run against {server.implementation} at {server.url}")
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture

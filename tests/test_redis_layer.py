@@ -24,7 +24,6 @@ from idem_middleware.exceptions import (
 from idem_middleware.persistence import RedisPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
-from tests.support import redis_server
 
 pytestmark = pytest.mark.redis
 
@@ -47,18 +46,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    server = redis_server.start()
-    try:
-        if not server.is_serving():
-            pytest.skip(f"no Redis server: {server.implementation} does not answer PING")
-        print(f"\nRedis tests run against {server.implementation}")
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ start only when one of its tests runs, and each test gets an empty store. Adding
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,9 +66,25 @@ def _dynamodb(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     return DynamoDBPersistenceLayer(table, boto3_client=client)
 
 
+def _sqlite(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from idem_middleware.persistence.sqlite import SQLitePersistenceLayer
+
+    return SQLitePersistenceLayer(request.getfixturevalue("tmp_path") / "idempotency.sqlite3")
+
+
+def _redis(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from idem_middleware.persistence.redis import RedisPersistenceLayer
+
+    # One server for the session; a namespace per test keeps each test's store empty.
+    namespace = f"test-{uuid.uuid4().hex}:"
+    return RedisPersistenceLayer(request.getfixturevalue("redis_url"), key_namespace=namespace)
+
+
 BACKENDS: tuple[Backend, ...] = (
     Backend("memory", _memory),
     Backend("dynamodb", _dynamodb, marks=(pytest.mark.dynamodb,)),
+    Backend("sqlite", _sqlite),
+    Backend("redis", _redis, marks=(pytest.mark.redis,)),
 )
 
 
