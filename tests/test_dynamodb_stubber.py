@@ -248,6 +248,10 @@ def test_failed_lease_condition_is_lease_lost(
     stubber.add_response("put_item", {}, claim_params(key))
     lease = layer.save_inprogress(key, HASH)
     stubber.add_client_error(operation, service_error_code="ConditionalCheckFailedException")
+    if operation == "update_item":  # is it our own completion, resent? No: nothing is stored
+        stubber.add_response(
+            "get_item", {}, {"TableName": TABLE, "Key": {"id": {"S": key}}, "ConsistentRead": True}
+        )
 
     finish: Callable[[], object] = {
         "update_item": lambda: layer.save_success(lease, RESPONSE),

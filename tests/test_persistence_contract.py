@@ -335,6 +335,21 @@ def test_owner_whose_lease_ran_out_unchallenged_still_completes(
     assert layer.get_record(key).response == JSON_RESPONSE
 
 
+def test_a_resent_completion_is_accepted_but_a_different_one_is_refused(
+    layer: BasePersistenceLayer, key: str
+) -> None:
+    """A client library may resend a completion whose reply was lost; the store then holds
+    exactly this completion, so it is not reported as a lost lease. Another response is.
+    """
+    lease = layer.save_inprogress(key, HASH)
+    layer.save_success(lease, JSON_RESPONSE)
+
+    layer.save_success(lease, JSON_RESPONSE)
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer.save_success(lease, StoredResponse(500, (), b"other"))
+    assert layer.get_record(key).response == JSON_RESPONSE
+
+
 def test_a_completed_record_cannot_be_released(layer: BasePersistenceLayer, key: str) -> None:
     lease = layer.save_inprogress(key, HASH)
     layer.save_success(lease, JSON_RESPONSE)

@@ -19,6 +19,7 @@ from idem_middleware.config import IdempotencyConfig
 from idem_middleware.exceptions import (
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
+    IdempotencyLeaseLostError,
     IdempotencyValidationError,
 )
 from idem_middleware.keys import hasher
@@ -118,7 +119,11 @@ class BasePersistenceLayer(ABC):
             payload_hash=lease.payload_hash,
             response=response,
         )
-        self._update_record(record)
+        try:
+            self._update_record(record)
+        except IdempotencyLeaseLostError:
+            if not self._completed_under(record):
+                raise
         self._save_to_cache(record)
         return record
 
@@ -152,6 +157,21 @@ class BasePersistenceLayer(ABC):
                 "this idempotency key was already used with a different request "
                 "(method, path, query or body)"
             )
+
+    def _completed_under(self, record: DataRecord) -> bool:
+        """Whether the store already holds exactly this completion: a client library (botocore,
+        redis-py) may resend an update whose reply was lost, and the resend then fails the
+        lease condition although the first attempt succeeded.
+        """
+        try:
+            current = self._get_record(record.idempotency_key)
+        except IdempotencyItemNotFoundError:
+            return False
+        return (
+            current.status == STATUS_COMPLETED
+            and current.in_progress_expiry_timestamp == record.in_progress_expiry_timestamp
+            and current.response == record.response
+        )
 
     # Local cache: COMPLETED records only, never served past their expiry --------------------
 
