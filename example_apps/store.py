@@ -4,16 +4,17 @@ The idempotency store is chosen by environment variables, so one app runs unchan
 (``memory``), on one host with several worker processes (``sqlite``) or in a fleet (``dynamodb``,
 ``redis``):
 
-=============================== =========================================================
-``IDEM_STORE``                  ``memory`` (default), ``sqlite``, ``dynamodb`` or ``redis``
-``IDEM_SQLITE_PATH``            database file (default ``idempotency.sqlite3``)
-``IDEM_DYNAMODB_TABLE``         table name (default ``idempotency``)
-``IDEM_DYNAMODB_ENDPOINT_URL``  e.g. ``http://localhost:8000`` for DynamoDB Local
-``IDEM_REDIS_URL``              default ``redis://localhost:6379/0``
-``IDEM_ON_STORE_ERROR``         ``reject`` (default: 503) or ``passthrough`` (run, log a warning)
-``EXAMPLE_LEDGER_PATH``         SQLite file for payments; unset: in memory, one process only
+================================ ===========================================================
+``IDEM_STORE``                   ``memory`` (default), ``sqlite``, ``dynamodb`` or ``redis``
+``IDEM_SQLITE_PATH``             database file (default ``idempotency.sqlite3``)
+``IDEM_DYNAMODB_TABLE``          table name (default ``idempotency``)
+``IDEM_DYNAMODB_ENDPOINT_URL``   e.g. ``http://localhost:8000`` for DynamoDB Local
+``IDEM_REDIS_URL``               default ``redis://localhost:6379/0``
+``IDEM_ON_STORE_ERROR``          ``reject`` (default: 503) or ``passthrough`` (run, warn)
+``EXAMPLE_LEDGER_PATH``          SQLite file of payments (unset: in memory, one process)
 ``EXAMPLE_CHARGE_DELAY_SECONDS`` simulated card-processor latency (default ``0``)
-=============================== =========================================================
+``LOG_LEVEL``                    ``INFO`` logs every decision of the middleware
+================================ ===========================================================
 
 ``memory`` deduplicates within one process only: with several workers, pick another store.
 """
@@ -118,7 +119,9 @@ def configure_logging() -> None:
     if logging.getLogger().handlers or logger.handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    )
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("LOG_LEVEL", "WARNING").upper())
 
