@@ -49,21 +49,48 @@ class IdempotencyMiddleware:
         self.engine = IdempotencyEngine(persistence_layer, config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.engine.covers(scope["method"], scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await IdempotentExchange(self.engine, self.app, scope, receive, send).run()
+        path = route_path(scope)
+        if not self.engine.covers(scope["method"], path):
+            await self.app(scope, receive, send)
+            return
+        await IdempotentExchange(self.engine, self.app, scope, receive, send, path).run()
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``scope["path"]`` less ``root_path`` (a ``Mount``, or
+    ``uvicorn --root-path``), so ``include_paths`` are written as the app's own routes, as they
+    are under WSGI where ``PATH_INFO`` already excludes ``SCRIPT_NAME``.
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        rest = path[len(root_path) :]
+        if not rest:
+            return "/"
+        if rest.startswith("/"):
+            return rest
+    return path
 
 
 class IdempotentExchange:
     """The state of one covered request: its buffered body, its lease and the captured response."""
 
     def __init__(
-        self, engine: IdempotencyEngine, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+        self,
+        engine: IdempotencyEngine,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: str,
     ) -> None:
         self.engine = engine
         self.app = app
         self.scope = scope
+        self.path = path
         self.receive = receive
         self.send = send
         self.body = b""
@@ -85,7 +112,7 @@ class IdempotentExchange:
         self.body = body
         request = IdempotencyRequest(
             method=self.scope["method"],
-            path=self.scope["path"],
+            path=self.path,
             query_string=self.scope.get("query_string", b"").decode("latin-1"),
             headers=Headers.from_lowercase(
                 [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.scope["headers"]]
@@ -106,7 +133,7 @@ class IdempotentExchange:
     async def read_body(self) -> bytes | Respond | None:
         """The whole request body, counted while reading; a 413 decision past the limit."""
         limit = self.engine.config.max_request_body_bytes
-        method, path = self.scope["method"], self.scope["path"]
+        method, path = self.scope["method"], self.path
         for name, value in self.scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return self.engine.body_too_large(method, path)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import pytest
 
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
+from idem_middleware.asgi import route_path
 from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED
 
@@ -331,3 +332,32 @@ async def test_non_blocking_store_calls_run_inline() -> None:
     client = Client()
     await middleware(http_scope(), client.receive, client.send)
     assert threads == [threading.get_ident()]
+
+
+@pytest.mark.parametrize(
+    ("path", "root_path", "expected"),
+    [
+        ("/pay", "", "/pay"),
+        ("/api/pay", "/api", "/pay"),
+        ("/api", "/api", "/"),
+        ("/apis/pay", "/api", "/apis/pay"),  # a prefix of a segment is not a mount
+        ("/pay", "/api", "/pay"),  # servers that leave root_path out of path
+    ],
+)
+def test_route_path_is_relative_to_root_path(path: str, root_path: str, expected: str) -> None:
+    assert route_path({"path": path, "root_path": root_path}) == expected
+
+
+async def test_include_paths_match_routes_under_a_root_path() -> None:
+    calls: list[int] = []
+    middleware = IdempotencyMiddleware(
+        chunked_app(calls),
+        persistence_layer=InMemoryPersistenceLayer(),
+        config=IdempotencyConfig(include_paths=("/pay",)),
+    )
+    for _ in range(2):
+        scope = http_scope(path="/api/pay")
+        scope["root_path"] = "/api"
+        client = Client()
+        await middleware(scope, client.receive, client.send)
+    assert calls == [1]
