@@ -69,6 +69,13 @@ def parse_key(values: list[str]) -> str:
     return key
 
 
+def header_key_material(key: str) -> str:
+    """The key material of a header key (as :func:`parse_key` returns it), for the persistence
+    layer's ``build_idempotency_key``; the CLI uses it to find a client's record.
+    """
+    return "header:" + key
+
+
 def _is_bare_key(key: str) -> bool:
     return key.isascii() and all(0x21 <= ord(char) <= 0x7E and char not in '",' for char in key)
 
@@ -92,7 +99,7 @@ class KeyDeriver:
         if source != "body":
             values = request.headers.getlist(self.config.header_name)
             if values:
-                return "header:" + parse_key(values)
+                return header_key_material(parse_key(values))
             if source == "header":
                 return None
         if self._event_key is not None:
