@@ -587,3 +587,73 @@ def test_memory_layer_sweeps_expired_records() -> None:
     with pytest.raises(IdempotencyItemNotFoundError):
         layer.get_record(layer.build_idempotency_key("header:a"))
     assert layer.get_record(layer.build_idempotency_key("header:d")).status == STATUS_INPROGRESS
+
+
+# Operator removal (remove_record: unfenced) --------------------------------------------------
+
+
+def test_remove_record_deletes_a_completed_record_so_the_key_runs_again(
+    layer: BasePersistenceLayer, key: str
+) -> None:
+    layer.save_success(layer.save_inprogress(key, HASH), JSON_RESPONSE)
+
+    assert layer.remove_record(key) is True
+
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(key)
+    lease = layer.save_inprogress(key, OTHER_HASH)
+    assert lease.payload_hash == OTHER_HASH
+    assert layer.get_record(key).status == STATUS_INPROGRESS
+
+
+def test_remove_record_clears_a_stuck_inprogress_record_whatever_its_lease(
+    layer: BasePersistenceLayer, key: str, clock: FakeClock
+) -> None:
+    stuck = layer.save_inprogress(key, HASH)
+
+    assert layer.remove_record(key) is True
+
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(key)
+    # The request that held the key cannot write its record back, nor release a newer one.
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer.save_success(stuck, JSON_RESPONSE)
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(key)
+    clock.advance(1)  # a later claim holds a later lease token
+    newer = layer.save_inprogress(key, OTHER_HASH)
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer.delete_record(stuck)
+    assert layer.get_record(key).in_progress_expiry_timestamp == newer.in_progress_expiry_timestamp
+
+
+def test_remove_record_of_an_unknown_key_reports_nothing_removed(
+    layer: BasePersistenceLayer, key: str
+) -> None:
+    other = layer.build_idempotency_key("header:order-2")
+    layer.save_success(layer.save_inprogress(other, HASH), JSON_RESPONSE)
+
+    assert layer.remove_record(key) is False
+    assert layer.remove_record(key) is False
+    assert layer.get_record(other).response == JSON_RESPONSE, "other records are untouched"
+
+
+def test_remove_record_twice_removes_once(layer: BasePersistenceLayer, key: str) -> None:
+    layer.save_inprogress(key, HASH)
+
+    assert layer.remove_record(key) is True
+    assert layer.remove_record(key) is False
+
+
+def test_remove_record_evicts_the_local_cache(configure: ConfigureLayer) -> None:
+    layer = configure(use_local_cache=True)
+    key = layer.build_idempotency_key("header:cached")
+    layer.save_success(layer.save_inprogress(key, HASH), JSON_RESPONSE)
+    assert layer.get_cached_record(key) is not None
+
+    assert layer.remove_record(key) is True
+
+    assert layer.get_cached_record(key) is None
+    with pytest.raises(IdempotencyItemNotFoundError):
+        layer.get_record(key)
+    assert layer.save_inprogress(key, OTHER_HASH).payload_hash == OTHER_HASH

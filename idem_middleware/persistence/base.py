@@ -31,7 +31,8 @@ DEFAULT_KEY_PREFIX = "idempotency"
 
 class BasePersistenceLayer(ABC):
     """Stores idempotency records. Subclasses implement ``_put_record``, ``_get_record``,
-    ``_update_record`` and ``_delete_record``; everything else lives here, once.
+    ``_update_record``, ``_delete_record`` and ``_remove_record``; everything else lives here,
+    once.
     """
 
     #: ``True`` when the primitives do network or disk I/O: the ASGI adapter then runs them in a
@@ -135,6 +136,16 @@ class BasePersistenceLayer(ABC):
         self._evict_from_cache(lease.idempotency_key)
         self._delete_record(lease)
 
+    def remove_record(self, idempotency_key: str) -> bool:
+        """Delete the key's record whatever its state or lease; returns whether one was stored.
+
+        For operators clearing a stuck key (``idem-middleware delete``), never for requests: it
+        is not fenced, so a request still holding the key then fails to complete or release it
+        (:class:`IdempotencyLeaseLostError`) instead of writing the record back.
+        """
+        self._evict_from_cache(idempotency_key)
+        return self._remove_record(idempotency_key)
+
     def get_record(self, idempotency_key: str, payload_hash: str | None = None) -> DataRecord:
         """The live record for the key, validated against ``payload_hash`` when given.
 
@@ -223,6 +234,12 @@ class BasePersistenceLayer(ABC):
     def _delete_record(self, data_record: DataRecord) -> None:
         """Delete the record, only while it is INPROGRESS under the same lease token;
         otherwise raise :class:`IdempotencyLeaseLostError`.
+        """
+
+    @abstractmethod
+    def _remove_record(self, idempotency_key: str) -> bool:
+        """Delete the record unconditionally (no lease check); return whether one was stored,
+        expired or not. Store faults raise :class:`IdempotencyPersistenceLayerError`.
         """
 
     def _now_ms(self) -> int:

@@ -225,6 +225,17 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         except BotoCoreError as exc:
             self._raise_store_error("DeleteItem", exc)
 
+    def _remove_record(self, idempotency_key: str) -> bool:
+        try:
+            response = self.client.delete_item(
+                TableName=self.table_name,
+                Key=self._key(idempotency_key),
+                ReturnValues="ALL_OLD",
+            )
+        except (ClientError, BotoCoreError) as exc:
+            self._raise_store_error("DeleteItem", exc)
+        return bool(response.get("Attributes"))
+
     # Table management ---------------------------------------------------------------------
 
     def create_table(self) -> bool:

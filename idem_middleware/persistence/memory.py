@@ -60,6 +60,10 @@ class InMemoryPersistenceLayer(BasePersistenceLayer):
             self._check_lease(data_record)
             del self._records[data_record.idempotency_key]
 
+    def _remove_record(self, idempotency_key: str) -> bool:
+        with self._lock:
+            return self._records.pop(idempotency_key, None) is not None
+
     def _check_lease(self, data_record: DataRecord) -> None:
         current = self._records.get(data_record.idempotency_key)
         if (

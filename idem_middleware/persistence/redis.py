@@ -194,6 +194,13 @@ class RedisPersistenceLayer(BasePersistenceLayer):
         if released != 1:
             raise IdempotencyLeaseLostError(data_record.idempotency_key)
 
+    def _remove_record(self, idempotency_key: str) -> bool:
+        try:
+            removed: int = self.client.delete(self.redis_key(idempotency_key))
+        except RedisError as exc:
+            self._raise_store_error("DEL", exc)
+        return removed == 1
+
     # Records ------------------------------------------------------------------------------
 
     @staticmethod

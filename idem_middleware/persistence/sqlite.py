@@ -141,6 +141,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             "DELETE FROM {t} WHERE id = :id AND status = :inprogress "
             "AND in_progress_expiration = :lease"
         )
+        self._sql_remove = self._sql("DELETE FROM {t} WHERE id = ?")
         self._sql_purge = self._sql(
             "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE expiration < ? LIMIT ?)"
         )
@@ -224,6 +225,11 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             )
         if cursor.rowcount != 1:
             raise IdempotencyLeaseLostError(data_record.idempotency_key)
+
+    def _remove_record(self, idempotency_key: str) -> bool:
+        with self._store_errors("delete"):
+            cursor = self._connection().execute(self._sql_remove, (idempotency_key,))
+        return cursor.rowcount == 1
 
     # Housekeeping -------------------------------------------------------------------------
 
