@@ -114,9 +114,7 @@ class IdempotentExchange:
             method=self.scope["method"],
             path=self.path,
             query_string=self.scope.get("query_string", b"").decode("latin-1"),
-            headers=Headers.from_lowercase(
-                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.scope["headers"]]
-            ),
+            headers=Headers.from_asgi(self.scope["headers"]),
             body=body,
             raw=self.scope,
         )

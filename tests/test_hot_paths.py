@@ -1,0 +1,70 @@
+"""The fast paths behave exactly as the straightforward code they replaced.
+
+Each optimisation of the per-request path (see BENCHMARKS.md) is pinned here against the plain
+definition it must stay equal to: stored fingerprints and keys must not change between versions,
+and a lazily decoded header list must answer like a decoded one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from idem_middleware.config import IdempotencyConfig
+from idem_middleware.keys import KeyDeriver, _is_bare_key
+from idem_middleware.request import Headers, IdempotencyRequest
+
+
+def _request(
+    body: bytes = b'{"a": 1}', query: str = "q=1", headers: Headers | None = None
+) -> IdempotencyRequest:
+    return IdempotencyRequest("POST", "/orders/é", query, headers or Headers(), body)
+
+
+def test_fingerprint_is_the_documented_hash_of_method_path_query_and_body() -> None:
+    expected = hashlib.sha256(
+        b"POST\0" + "/orders/é".encode() + b"\0q=1\0" + b'{"a": 1}'
+    ).hexdigest()
+    assert KeyDeriver(IdempotencyConfig()).fingerprint(_request()) == expected
+
+
+def test_fingerprint_of_a_selection_is_the_hash_of_method_path_and_canonical_json() -> None:
+    deriver = KeyDeriver(IdempotencyConfig(payload_validation_jmespath="a"))
+    expected = hashlib.sha256(b"POST\0" + "/orders/é".encode() + b"\x001").hexdigest()
+    assert deriver.fingerprint(_request()) == expected
+
+
+def _is_bare_key_by_definition(key: str) -> bool:
+    return key.isascii() and all(0x21 <= ord(char) <= 0x7E and char not in '",' for char in key)
+
+
+@pytest.mark.parametrize("start", range(0, 0x3000, 0x100))
+def test_bare_key_check_matches_its_definition_for_every_character(start: int) -> None:
+    for code in range(start, start + 0x100):
+        for key in (chr(code), f"a{chr(code)}b"):
+            assert _is_bare_key(key) == _is_bare_key_by_definition(key), repr(key)
+    assert _is_bare_key("") == _is_bare_key_by_definition("")
+
+
+RAW = [
+    (b"host", b"example.org"),
+    (b"idempotency-key", b"k-1"),
+    (b"x-latin", "caf\u00e9".encode("latin-1")),
+    (b"idempotency-key", b"k-2"),
+]
+
+
+@pytest.mark.parametrize(
+    "name", ["Idempotency-Key", "idempotency-key", "HOST", "x-latin", "missing", "caf\u00e9", "ʃ"]
+)
+def test_headers_from_asgi_answer_like_decoded_headers(name: str) -> None:
+    lazy = Headers.from_asgi(RAW)
+    decoded = Headers([(n.decode("latin-1"), v.decode("latin-1")) for n, v in RAW])
+    assert lazy.getlist(name) == decoded.getlist(name)
+    assert lazy.get(name) == decoded.get(name)
+    assert (name in lazy) == (name in decoded)
+    assert list(lazy) == list(decoded)
+    assert len(lazy) == len(decoded)
+    assert dict(lazy.items()) == dict(decoded.items())
+    assert repr(lazy) == repr(decoded)
