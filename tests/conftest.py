@@ -18,11 +18,19 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+#: Which implementation each session service ran on, for the summary at the end of the run.
+SERVICES_USED: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for service, description in SERVICES_USED.items():
+        terminalreporter.write_line(f"{service} tests ran against {description}")
+
 
 @pytest.fixture(scope="session")
 def dynamodb_server() -> Iterator[dynamodb_local.DynamoDBServer]:
     server = dynamodb_local.start()
-    print(f"\nDynamoDB tests run against {server.implementation} at {server.endpoint_url}")
+    SERVICES_USED["DynamoDB"] = f"{server.implementation} at {server.endpoint_url}"
     yield server
     server.stop()
 
@@ -53,7 +61,7 @@ def redis_url() -> Iterator[str]:
     try:
         if not server.is_serving():
             raise RuntimeError(f"no Redis server: {server.implementation} does not answer PING")
-        print(f"\nRedis tests run against {server.implementation} at {server.url}")
+        SERVICES_USED["Redis"] = f"{server.implementation} at {server.url}"
         yield server.url
     finally:
         server.stop()
