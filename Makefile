@@ -25,6 +25,20 @@ $(DYNAMODB_LOCAL):
 test: $(BIN)/tox $(DYNAMODB_LOCAL)
 	$(BIN)/tox run -e py,lint,type
 
+# The demo runs from .venv itself (the example apps live in this checkout, next to the package):
+# an editable install with the demo's dependencies, redone only when pyproject.toml changes.
+DEMO_STAMP := $(VENV)/.demo-installed
+
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	touch $@
+
+# `make demo DEMO_ARGS="--store memory"` passes options on to `idem-middleware demo`.
+demo: $(DEMO_STAMP)
+	$(BIN)/idem-middleware demo $(DEMO_ARGS)
+
 lint: $(BIN)/tox
 	$(BIN)/tox run -e lint
 

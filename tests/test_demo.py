@@ -1,0 +1,141 @@
+"""The demo, run as a user runs it: ``idem-middleware demo`` in a subprocess, from the checkout.
+
+It starts real servers (uvicorn, gunicorn), so it must also stop them: the tests check that no
+process the demo started is left behind, after a normal run and after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [sys.executable, "-m", "idem_middleware.cli", "demo"]
+
+
+def demo_env() -> dict[str, str]:
+    # The demo sets the apps' settings itself; none of the developer's may leak in.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IDEM_", "EXAMPLE_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc), including those in other sessions."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_demo_on_sqlite_holds_every_expectation() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [*DEMO, "--store", "sqlite"],
+        cwd=ROOT,
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "✓ All 10 expectations held: one charge per payment" in out
+    assert "✗" not in out
+    assert "1. FastAPI on uvicorn" in out
+    assert "2. Flask on gunicorn (2 worker processes, 4 threads each)" in out
+    assert out.count("✓") == 2 * 5 + 1, "five steps per server, each held, and the verdict"
+    assert out.count("payments_created: 1") == 2
+    assert elapsed < 40, f"the demo took {elapsed:.1f} s"
+    # Both servers are gone: nothing listens on their ports any more.
+    ports = re.findall(r"http://127\.0\.0\.1:(\d+)", out)
+    assert len(set(ports)) == 2, out
+    for port in set(ports):
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import socket; socket.create_connection(('127.0.0.1', {port}))",
+            ],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        assert probe.returncode != 0, f"a server still listens on port {port}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="walks /proc to find processes")
+@pytest.mark.parametrize(
+    ("sig", "exit_code"),
+    [pytest.param(signal.SIGINT, 130, id="ctrl-c"), pytest.param(signal.SIGTERM, 143, id="term")],
+)
+def test_interrupted_demo_stops_its_servers(sig: signal.Signals, exit_code: int) -> None:
+    demo = subprocess.Popen(
+        [*DEMO, "--store", "sqlite"],
+        cwd=ROOT,
+        env=demo_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Wait until a server runs (uvicorn and its worker, in their own session).
+        deadline = time.monotonic() + 30
+        servers: set[int] = set()
+        while time.monotonic() < deadline and not any(
+            "uvicorn" in command_line(pid) for pid in servers
+        ):
+            time.sleep(0.1)
+            servers = descendants(demo.pid)
+        assert servers, "the demo started no server"
+
+        demo.send_signal(sig)
+        out, err = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+
+    assert demo.returncode == exit_code, out + err
+    assert "Traceback" not in err
+    time.sleep(0.5)
+    left = {pid for pid in servers if alive(pid)}
+    assert not left, f"processes left behind: {left}"
