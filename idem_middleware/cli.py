@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sqlite3
 import sys
 import textwrap
@@ -34,6 +35,7 @@ from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 
 if TYPE_CHECKING:
+    from idem_middleware.demo.run import DemoStore
     from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
     from idem_middleware.persistence.redis import RedisPersistenceLayer
 
@@ -76,13 +78,14 @@ def _dynamodb_client(args: argparse.Namespace) -> Any:
         session = boto3.session.Session(profile_name=args.profile)
     except ProfileNotFound as exc:
         raise CLIError(f"no AWS profile {args.profile!r}: {exc}") from None
-    region = args.region or session.region_name
+    # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what Lambda and the newer SDKs set.
+    region = args.region or session.region_name or os.environ.get("AWS_REGION")
     if region is None and args.endpoint_url:
         region = LOCAL_ENDPOINT_REGION
     if region is None:
         raise CLIError(
-            "no AWS region: pass --region or set AWS_REGION (or AWS_DEFAULT_REGION, "
-            "or a region in ~/.aws/config)"
+            "no AWS region: pass --region, or set AWS_DEFAULT_REGION or AWS_REGION, "
+            "or a region in ~/.aws/config"
         )
     args.region = region
     # Fail fast: an unreachable endpoint is an error in seconds, not after minutes of retries.
@@ -96,7 +99,7 @@ def _dynamodb_client(args: argparse.Namespace) -> Any:
             "dynamodb", region_name=region, endpoint_url=args.endpoint_url, config=config
         )
     except NoRegionError:  # pragma: no cover - the region is resolved above
-        raise CLIError("no AWS region: pass --region or set AWS_REGION") from None
+        raise CLIError("no AWS region: pass --region") from None
     except (BotoCoreError, ValueError) as exc:
         raise CLIError(f"cannot set up a DynamoDB client: {exc}") from None
 
@@ -402,9 +405,9 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     missing = missing_dependencies()
     if missing:
         raise CLIError(f"the demo needs {', '.join(missing)}: pip install 'idem-middleware[demo]'")
-    from idem_middleware.demo.run import DemoError, DemoStore, run_demo
+    from idem_middleware.demo.run import DemoError, run_demo
 
-    store = _demo_store(args, DemoStore)
+    store = _demo_store(args)
     try:
         ok = run_demo(store)
     except DemoError as exc:
@@ -412,18 +415,20 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if ok else EXIT_ERROR
 
 
-def _demo_store(args: argparse.Namespace, demo_store: Any) -> Any:
+def _demo_store(args: argparse.Namespace) -> DemoStore:
     """The store the demo's apps use; for DynamoDB and Redis, checked (and the table created)
     before any server starts, so their mistakes are one line too.
     """
+    from idem_middleware.demo.run import DemoStore
+
     if args.store == "memory":
-        return demo_store("memory", "memory (one process: each server runs one worker)")
+        return DemoStore("memory", "memory (one process: each server runs one worker)")
     if args.store == "sqlite":
-        return demo_store("sqlite", "SQLite, a file in a temporary directory, shared by workers")
+        return DemoStore("sqlite", "SQLite, a file in a temporary directory, shared by workers")
     if args.store == "redis":
         url = args.redis_url or DEFAULT_REDIS_URL
         _redis_ping(url)
-        return demo_store(
+        return DemoStore(
             "redis", f"Redis at {_redacted(url)}", {"IDEM_STORE": "redis", "IDEM_REDIS_URL": url}
         )
     for name, default in _DYNAMODB_ATTRIBUTE_DEFAULTS.items():
@@ -441,7 +446,7 @@ def _demo_store(args: argparse.Namespace, demo_store: Any) -> Any:
     if args.endpoint_url:
         env["IDEM_DYNAMODB_ENDPOINT_URL"] = args.endpoint_url
     state = "created for the demo" if created else "existing"
-    return demo_store(
+    return DemoStore(
         "dynamodb", f"DynamoDB table {args.table!r} ({state}, {_where_dynamodb(args)})", env
     )
 
@@ -763,7 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--table",
         default=DEMO_TABLE,
         metavar="NAME",
-        help="DynamoDB table, created if missing (--store dynamodb; default: %(default)s)",
+        help="DynamoDB table, created if missing - in your AWS account unless --endpoint-url "
+        "names DynamoDB Local (--store dynamodb; default: %(default)s)",
     )
     demo.add_argument(
         "--redis-url",
