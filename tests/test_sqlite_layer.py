@@ -19,12 +19,10 @@ import pytest
 from idem_middleware import IdempotencyConfig
 from idem_middleware.exceptions import (
     IdempotencyItemAlreadyExistsError,
-    IdempotencyItemNotFoundError,
-    IdempotencyLeaseLostError,
     IdempotencyPersistenceLayerError,
 )
 from idem_middleware.persistence import SQLitePersistenceLayer
-from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 
 START = 1_700_000_000.25
@@ -121,178 +119,10 @@ def test_collision_returns_the_existing_record_from_the_claim_itself(
     assert existing.in_progress_expiry_timestamp == first.in_progress_expiry_timestamp
 
 
-def test_collision_with_a_completed_record_carries_its_response(
-    layer: SQLitePersistenceLayer, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    layer.save_success(layer.save_inprogress(key, "hash-a"), RESPONSE)
-    clock.advance(600)  # past the lease: a completed record still blocks
-
-    with pytest.raises(IdempotencyItemAlreadyExistsError) as caught:
-        layer.save_inprogress(key, "hash-a")
-
-    existing = caught.value.old_data_record
-    assert existing is not None
-    assert existing.status == STATUS_COMPLETED
-    assert existing.response == RESPONSE
-
-
-def test_distinct_keys_do_not_collide(layer: SQLitePersistenceLayer, db_path: Path) -> None:
-    for name in ("a", "b", "c"):
-        layer.save_inprogress(layer.build_idempotency_key(name), f"hash-{name}")
-    assert [row[5] for row in raw_rows(db_path)] == sorted(["hash-a", "hash-b", "hash-c"])
-
-
 # Completion ------------------------------------------------------------------------------------
 
 
-def test_save_success_round_trips_a_binary_response_byte_exact(
-    layer: SQLitePersistenceLayer, db_path: Path, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    lease = layer.save_inprogress(key, "hash-a")
-    clock.advance(2)
-    completed = layer.save_success(lease, RESPONSE)
-
-    assert completed.expiry_timestamp == int(START + 2) + 3600
-    # A second layer on the same file (a new connection, as another worker would use) reads
-    # exactly what was written.
-    reader = make_layer(db_path, clock)
-    try:
-        stored = reader.get_record(key, payload_hash="hash-a")
-    finally:
-        reader.close()
-    assert stored.status == STATUS_COMPLETED
-    assert stored.expiry_timestamp == completed.expiry_timestamp
-    assert stored.in_progress_expiry_timestamp == lease.in_progress_expiry_timestamp
-    assert stored.response is not None
-    assert stored.response.body == BINARY_BODY
-    assert stored.response == RESPONSE
-
-
-def test_completing_twice_with_one_lease_is_refused(layer: SQLitePersistenceLayer) -> None:
-    key = layer.build_idempotency_key("order-1")
-    lease = layer.save_inprogress(key, "hash-a")
-    layer.save_success(lease, RESPONSE)
-
-    with pytest.raises(IdempotencyLeaseLostError):
-        layer.save_success(lease, StoredResponse(500, (), b"other"))
-    with pytest.raises(IdempotencyLeaseLostError):
-        layer.delete_record(lease)
-    stored = layer.get_record(key)
-    assert stored.response == RESPONSE
-
-
-def test_release_deletes_the_record_so_the_key_runs_again(
-    layer: SQLitePersistenceLayer, db_path: Path
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    layer.delete_record(layer.save_inprogress(key, "hash-a"))
-
-    assert raw_rows(db_path) == []
-    with pytest.raises(IdempotencyItemNotFoundError):
-        layer.get_record(key)
-    assert layer.save_inprogress(key, "hash-b").payload_hash == "hash-b"
-
-
-def test_get_record_of_unknown_key_raises_not_found(layer: SQLitePersistenceLayer) -> None:
-    with pytest.raises(IdempotencyItemNotFoundError):
-        layer.get_record(layer.build_idempotency_key("never-seen"))
-
-
 # Expiry and lease takeover ---------------------------------------------------------------------
-
-
-def test_completed_record_expires_with_the_clock(
-    layer: SQLitePersistenceLayer, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    completed = layer.save_success(layer.save_inprogress(key, "hash-a"), RESPONSE)
-    assert completed.expiry_timestamp is not None
-
-    clock.now = completed.expiry_timestamp + 0.999  # the last second it is live
-    assert layer.get_record(key).status == STATUS_COMPLETED
-    with pytest.raises(IdempotencyItemAlreadyExistsError):
-        layer.save_inprogress(key, "hash-a")
-
-    clock.now = completed.expiry_timestamp + 1.0
-    with pytest.raises(IdempotencyItemNotFoundError):
-        layer.get_record(key)
-    lease = layer.save_inprogress(key, "hash-b")
-    stored = layer.get_record(key)
-    assert (stored.status, stored.payload_hash, stored.response) == (
-        STATUS_INPROGRESS,
-        "hash-b",
-        None,
-    )
-    assert stored.in_progress_expiry_timestamp == lease.in_progress_expiry_timestamp
-
-
-def test_lease_is_taken_over_only_after_it_expires(
-    layer: SQLitePersistenceLayer, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    first = layer.save_inprogress(key, "hash-a")
-
-    clock.advance(29.9)
-    with pytest.raises(IdempotencyItemAlreadyExistsError):
-        layer.save_inprogress(key, "hash-b")
-
-    clock.advance(0.2)
-    second = layer.save_inprogress(key, "hash-b")
-    assert second.in_progress_expiry_timestamp is not None
-    assert first.in_progress_expiry_timestamp is not None
-    assert second.in_progress_expiry_timestamp > first.in_progress_expiry_timestamp
-    assert layer.get_record(key).payload_hash == "hash-b"
-
-
-def test_stale_owner_cannot_complete_a_taken_over_record(
-    layer: SQLitePersistenceLayer, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    stale = layer.save_inprogress(key, "hash-a")
-    clock.advance(31)
-    fresh = layer.save_inprogress(key, "hash-b")
-
-    with pytest.raises(IdempotencyLeaseLostError):
-        layer.save_success(stale, StoredResponse(200, (), b"stale"))
-
-    stored = layer.get_record(key)
-    assert stored.status == STATUS_INPROGRESS
-    assert stored.payload_hash == "hash-b"
-    assert stored.in_progress_expiry_timestamp == fresh.in_progress_expiry_timestamp
-    assert stored.response_data is None
-    layer.save_success(fresh, RESPONSE)
-    assert layer.get_record(key).response == RESPONSE
-
-
-def test_stale_owner_cannot_release_a_taken_over_record(
-    layer: SQLitePersistenceLayer, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    stale = layer.save_inprogress(key, "hash-a")
-    clock.advance(31)
-    fresh = layer.save_inprogress(key, "hash-b")
-
-    with pytest.raises(IdempotencyLeaseLostError):
-        layer.delete_record(stale)
-
-    stored = layer.get_record(key)
-    assert stored.payload_hash == "hash-b"
-    assert stored.in_progress_expiry_timestamp == fresh.in_progress_expiry_timestamp
-    layer.delete_record(fresh)
-    with pytest.raises(IdempotencyItemNotFoundError):
-        layer.get_record(key)
-
-
-def test_owner_whose_lease_ran_out_unclaimed_may_still_complete(
-    layer: SQLitePersistenceLayer, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("order-1")
-    lease = layer.save_inprogress(key, "hash-a")
-    clock.advance(120)  # lease expired, but nobody took the key over
-    layer.save_success(lease, RESPONSE)
-    assert layer.get_record(key).response == RESPONSE
 
 
 # Purge -----------------------------------------------------------------------------------------
@@ -454,74 +284,6 @@ def test_failed_purge_does_not_fail_the_claim(
 
 
 # Concurrency -----------------------------------------------------------------------------------
-
-
-def test_fifty_threads_claiming_one_key_make_exactly_one_winner(
-    layer: SQLitePersistenceLayer,
-) -> None:
-    key = layer.build_idempotency_key("contended")
-    threads_count = 50
-    barrier = threading.Barrier(threads_count)
-    winners: list[str] = []
-    seen_by_losers: list[str | None] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def claim(index: int) -> None:
-        barrier.wait()
-        try:
-            layer.save_inprogress(key, f"thread-{index}")
-        except IdempotencyItemAlreadyExistsError as exc:
-            with lock:
-                record = exc.old_data_record
-                seen_by_losers.append(None if record is None else record.payload_hash)
-        except BaseException as exc:  # collected and asserted below
-            with lock:
-                errors.append(exc)
-        else:
-            with lock:
-                winners.append(f"thread-{index}")
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(threads_count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-
-    assert errors == []
-    assert len(winners) == 1
-    assert len(seen_by_losers) == threads_count - 1
-    assert set(seen_by_losers) == {winners[0]}
-    assert layer.get_record(key).payload_hash == winners[0]
-
-
-def test_concurrent_takeover_of_an_expired_lease_has_one_winner(
-    layer: SQLitePersistenceLayer, clock: FakeClock
-) -> None:
-    key = layer.build_idempotency_key("crashed")
-    layer.save_inprogress(key, "crashed-owner")
-    clock.advance(31)  # the first owner "crashed": its lease has run out
-    threads_count = 20
-    barrier = threading.Barrier(threads_count)
-    outcomes: list[bool] = []
-
-    def claim(index: int) -> None:
-        barrier.wait()
-        try:
-            layer.save_inprogress(key, f"thread-{index}")
-        except IdempotencyItemAlreadyExistsError:
-            outcomes.append(False)
-        else:
-            outcomes.append(True)
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(threads_count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-
-    assert sorted(outcomes) == [False] * (threads_count - 1) + [True]
-    assert layer.get_record(key).payload_hash != "crashed-owner"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
