@@ -198,33 +198,36 @@ class IdempotentExchange:
             return
         chunk = message.get("body", b"")
         more_body = message.get("more_body", False)
-        self.chunks.append(chunk)
-        self.buffered_bytes += len(chunk)
-        over_limit = self.buffered_bytes > self.engine.max_stored_response_bytes
-        if more_body and not over_limit:
-            return
-        response = self.captured_response()
-        if over_limit:
-            response = response.without_body()
+        if not more_body and not self.chunks:
+            body = chunk  # the whole body in one message, as most responses come
+        else:
+            self.chunks.append(chunk)
+            self.buffered_bytes += len(chunk)
+            if more_body and self.buffered_bytes <= self.engine.max_stored_response_bytes:
+                return
+            body = b"".join(self.chunks)
+            self.chunks.clear()
+        over_limit = len(body) > self.engine.max_stored_response_bytes
+        response = self.captured_response(b"" if over_limit else body, body_omitted=over_limit)
         self.finished = True
         await self.store_call(self.engine.complete, self.attempt, response)
         assert self.start_message is not None
         await self.send(self.start_message)
-        await self.send(
-            {"type": "http.response.body", "body": b"".join(self.chunks), "more_body": more_body}
-        )
-        self.chunks.clear()
+        await self.send({"type": "http.response.body", "body": body, "more_body": more_body})
         self.streaming = more_body
 
-    def captured_response(self) -> StoredResponse:
+    def captured_response(self, body: bytes, *, body_omitted: bool = False) -> StoredResponse:
         assert self.start_message is not None
         return StoredResponse(
-            status=self.start_message["status"],
-            headers=tuple(
-                (name.decode("latin-1"), value.decode("latin-1"))
-                for name, value in self.start_message.get("headers", ())
+            self.start_message["status"],
+            tuple(
+                [
+                    (name.decode("latin-1"), value.decode("latin-1"))
+                    for name, value in self.start_message.get("headers", ())
+                ]
             ),
-            body=b"".join(self.chunks),
+            body,
+            body_omitted,
         )
 
     async def send_stored(self, response: StoredResponse) -> None:

@@ -263,16 +263,7 @@ class IdempotencyEngine:
             self.release(attempt, response.status)
             return
         request = attempt.request
-        kept = StoredResponse(
-            status=response.status,
-            headers=tuple(
-                h for h in response.headers if h[0].lower() not in self._excluded_headers
-            ),
-            body=response.body,
-            body_omitted=response.body_omitted,
-        )
-        if len(kept.body) > self.max_stored_response_bytes:
-            kept = kept.without_body()
+        kept = self._kept(response)
         try:
             self.persistence_layer.save_success(attempt.lease, kept)
         except IdempotencyLeaseLostError:
@@ -295,6 +286,18 @@ class IdempotencyEngine:
                 attempt.lease.idempotency_key,
                 status=response.status,
             )
+
+    def _kept(self, response: StoredResponse) -> StoredResponse:
+        """The response as stored: no excluded header, no body over the stored-size limit."""
+        excluded = self._excluded_headers
+        headers = [header for header in response.headers if header[0].lower() not in excluded]
+        if len(response.body) > self.max_stored_response_bytes:
+            return StoredResponse(response.status, tuple(headers), b"", body_omitted=True)
+        if len(headers) == len(response.headers):
+            return response  # immutable, and already what is to be stored
+        return StoredResponse(
+            response.status, tuple(headers), response.body, body_omitted=response.body_omitted
+        )
 
     def release(self, attempt: Proceed, status: int | None = None) -> None:
         """Delete the record so a retry runs the app again (the app raised or returned 5xx).
