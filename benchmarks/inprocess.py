@@ -117,10 +117,10 @@ async def run_segment(variant: Variant, keys: list[bytes | None]) -> float:
     """µs per request over ``keys``; the responses are checked after the clock stops."""
     responses: list[Message] = []
     app = variant.app
-    started = time.perf_counter_ns()
+    started = time.thread_time_ns()
     for key in keys:
         await call(app, key, responses)
-    elapsed = time.perf_counter_ns() - started
+    elapsed = time.thread_time_ns() - started
     check(variant, responses, len(keys))
     return elapsed / len(keys) / 1000
 

@@ -1,0 +1,280 @@
+"""Sections 3 and 4: real servers under load, and the event loop's health meanwhile.
+
+Section 3 serves the Starlette app of ``benchmarks.apps`` on uvicorn (one worker) and the Flask
+example app on gunicorn (one worker, ``gthread``), bare and with the middleware over the memory,
+SQLite and DynamoDB Local stores, and loads each with 32 keep-alive connections over loopback:
+new keys, then replays of keys created beforehand.
+
+Section 4 asks whether store I/O ever holds up the event loop: while 32 connections keep
+DynamoDB-bound covered requests in flight, a probe sends ``GET /health`` (not covered) one at a
+time and its p99 latency is compared with the same probe's on the idle server::
+
+    python -m benchmarks.http_load [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import loadgen
+from benchmarks.apps import ORDER_BODY, ORDER_PATH
+
+CONNECTIONS = 32
+REPLAY_KEYS = 500
+PAYMENT_BODY = b'{"amount":1250,"currency":"EUR"}'
+STORES = ("memory", "sqlite", "dynamodb")
+
+
+@dataclass
+class HTTPRow:
+    server: str  # "uvicorn + Starlette" or "gunicorn + Flask example"
+    variant: str  # "bare" or "ours, <store>"
+    traffic: str  # "new keys" or "replays"
+    result: loadgen.LoadResult
+
+
+@dataclass
+class LoopHealth:
+    idle_p50_ms: float
+    idle_p99_ms: float
+    loaded_p50_ms: float
+    loaded_p99_ms: float
+    covered_rps: float
+    samples: int
+
+    @property
+    def ratio(self) -> float:
+        return self.loaded_p99_ms / self.idle_p99_ms
+
+
+@dataclass
+class HTTPResult:
+    generator: str
+    seconds: float
+    rows: list[HTTPRow]
+    loop_health: LoopHealth | None
+
+    def row(self, server: str, variant: str, traffic: str) -> HTTPRow:
+        return next(
+            r
+            for r in self.rows
+            if r.server == server and r.variant == variant and r.traffic == traffic
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server setup: what to run and what to send it."""
+
+    server: str
+    path: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+STARLETTE = Target(
+    "uvicorn + Starlette", ORDER_PATH, ORDER_BODY, (("Content-Type", "application/json"),)
+)
+FLASK = Target(
+    "gunicorn + Flask example",
+    "/payments",
+    PAYMENT_BODY,
+    (("Content-Type", "application/json"), ("Authorization", "Bearer bench")),
+)
+
+
+def _store_env(store: str | None, workdir: Path, dynamodb_url: str, table: str) -> dict[str, str]:
+    env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark"}
+    env["AWS_DEFAULT_REGION"] = "us-east-1"
+    if store is None:
+        return env
+    env["IDEM_STORE"] = store
+    env["BENCH_IDEMPOTENCY"] = "on"
+    env["IDEM_SQLITE_PATH"] = str(workdir / f"idempotency-{uuid.uuid4().hex[:8]}.sqlite3")
+    env["IDEM_DYNAMODB_ENDPOINT_URL"] = dynamodb_url
+    env["IDEM_DYNAMODB_TABLE"] = table
+    return env
+
+
+@contextmanager
+def serve(target: Target, store: str | None, env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    from tests.support import servers
+
+    if target is STARLETTE:
+        server = servers.start_uvicorn(
+            "benchmarks.apps:served_app", env=env, log_dir=log_dir, extra_args=["--factory"]
+        )
+    else:
+        app = "example_apps.flask_app:app" if store else "benchmarks.apps:flask_bare()"
+        server = servers.start_gunicorn(app, env=env, log_dir=log_dir, threads=8)
+    with servers.running(server):
+        yield server.base_url
+
+
+def _load(
+    target: Target, base_url: str, prefix: str, keys: int | None, seconds: float
+) -> loadgen.Load:
+    return loadgen.Load(
+        url=base_url + target.path,
+        body=target.body,
+        headers=dict(target.headers),
+        key_prefix=prefix,
+        keys=keys,
+        connections=CONNECTIONS,
+        seconds=seconds,
+    )
+
+
+def _prepare_replays(target: Target, base_url: str, prefix: str) -> None:
+    """Create the keys the replay load cycles over, one request each."""
+    parts = base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(parts[0], int(parts[1]), timeout=30)
+    try:
+        for n in range(REPLAY_KEYS):
+            headers = {**dict(target.headers), "Idempotency-Key": f"{prefix}{n}"}
+            connection.request("POST", target.path, body=target.body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status >= 400:
+                raise RuntimeError(f"preparing replays: {response.status} from {base_url}")
+    finally:
+        connection.close()
+
+
+def _measure_server(
+    target: Target, store: str | None, env: dict[str, str], log_dir: Path, seconds: float
+) -> list[HTTPRow]:
+    variant = f"ours, {store}" if store else "bare"
+    rows = []
+    with serve(target, store, env, log_dir) as base_url:
+        run_id = uuid.uuid4().hex[:8]
+        loadgen.run(_load(target, base_url, f"warm-{run_id}-", None, 1))  # warm-up
+        new = loadgen.run(_load(target, base_url, f"new-{run_id}-", None, seconds))
+        rows.append(HTTPRow(target.server, variant, "new keys", new))
+        if store:
+            prefix = f"replay-{run_id}-"
+            _prepare_replays(target, base_url, prefix)
+            replays = loadgen.run(_load(target, base_url, prefix, REPLAY_KEYS, seconds))
+            rows.append(HTTPRow(target.server, variant, "replays", replays))
+    return rows
+
+
+class HealthProbe:
+    """``GET /health``, one at a time on one keep-alive connection, a few ms apart."""
+
+    def __init__(self, base_url: str, pause_s: float = 0.005) -> None:
+        host, port = base_url.removeprefix("http://").split(":")
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        self.pause_s = pause_s
+        self.latencies_ms: list[float] = []
+
+    def sample(self, seconds: float) -> list[float]:
+        latencies = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            self.connection.request("GET", "/health")
+            response = self.connection.getresponse()
+            response.read()
+            latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(self.pause_s)
+        return latencies
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def measure_loop_health(env: dict[str, str], log_dir: Path, seconds: float) -> LoopHealth:
+    with serve(STARLETTE, "dynamodb", env, log_dir) as base_url:
+        probe = HealthProbe(base_url)
+        probe.sample(1)  # warm-up
+        idle = probe.sample(seconds)
+        result: list[loadgen.LoadResult] = []
+        load = _load(STARLETTE, base_url, f"health-{uuid.uuid4().hex[:8]}-", None, seconds + 2)
+        loader = threading.Thread(target=lambda: result.append(loadgen.run(load)))
+        loader.start()
+        time.sleep(1)  # the load is up to speed: 32 requests in flight
+        loaded = probe.sample(seconds)
+        loader.join()
+        probe.connection.close()
+    return LoopHealth(
+        statistics.median(idle),
+        _p99(idle),
+        statistics.median(loaded),
+        _p99(loaded),
+        result[0].rps if result else 0.0,
+        len(loaded),
+    )
+
+
+def run(seconds: float = 5.0, dynamodb_url: str | None = None) -> HTTPResult:
+    from benchmarks.store_roundtrips import dynamodb
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "benchmark")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchmark")
+    with (
+        tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp,
+        dynamodb(dynamodb_url) as (
+            url,
+            _,
+        ),
+    ):
+        workdir = Path(tmp)
+        table = _create_table(url)
+        rows: list[HTTPRow] = []
+        for target in (STARLETTE, FLASK):
+            for store in (None, *STORES):
+                env = _store_env(store, workdir, url, table)
+                rows += _measure_server(target, store, env, workdir, seconds)
+        health = measure_loop_health(_store_env("dynamodb", workdir, url, table), workdir, seconds)
+    return HTTPResult(loadgen.generator_name(), seconds, rows, health)
+
+
+def _create_table(endpoint_url: str) -> str:
+    import boto3
+
+    from idem_middleware.persistence import DynamoDBPersistenceLayer
+
+    table = f"idem-http-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1")
+    DynamoDBPersistenceLayer(table, boto3_client=client).create_table()
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--endpoint-url")
+    args = parser.parse_args(argv)
+    result = run(args.seconds, args.endpoint_url)
+    print(f"load generator: {result.generator}, {CONNECTIONS} connections, {args.seconds}s")
+    for row in result.rows:
+        r = row.result
+        print(
+            f"{row.server:<26} {row.variant:<16} {row.traffic:<9} {r.rps:8.0f} req/s "
+            f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}"
+        )
+    if result.loop_health:
+        h = result.loop_health
+        print(
+            f"GET /health p99: idle {h.idle_p99_ms:.2f} ms, under DynamoDB load "
+            f"{h.loaded_p99_ms:.2f} ms ({h.ratio:.2f}x); covered load {h.covered_rps:.0f} req/s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
