@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 
 from idem_middleware.config import IdempotencyConfig
 from idem_middleware.engine import IdempotencyEngine, PassThrough, PendingClaim, Proceed, Respond
@@ -38,6 +39,12 @@ class IdempotencyMiddleware:
     cover (other methods, excluded paths, websockets, lifespan) pass straight through, unbuffered.
     """
 
+    #: A store that blocks (DynamoDB, SQLite, Redis) is called from worker threads, at most this
+    #: many at once per event loop. More threads add no throughput - they take turns at the GIL,
+    #: and the event loop queues behind them (BENCHMARKS.md: the p99 of an uncovered request
+    #: under load) - and would take anyio's shared pool from the app's sync endpoints.
+    max_store_threads: int = 8
+
     def __init__(
         self,
         app: ASGIApp,
@@ -47,6 +54,17 @@ class IdempotencyMiddleware:
     ) -> None:
         self.app = app
         self.engine = IdempotencyEngine(persistence_layer, config)
+        # One limiter per event loop, as anyio keeps its own default thread limiter.
+        self._store_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"store-limiter-{id(self)}")
+
+    def store_limiter(self) -> anyio.CapacityLimiter:
+        """The limiter of this middleware's store threads in the running event loop."""
+        try:
+            return self._store_limiter.get()
+        except LookupError:
+            limiter = anyio.CapacityLimiter(self.max_store_threads)
+            self._store_limiter.set(limiter)
+            return limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,7 +74,7 @@ class IdempotencyMiddleware:
         if not self.engine.covers(scope["method"], path):
             await self.app(scope, receive, send)
             return
-        await IdempotentExchange(self.engine, self.app, scope, receive, send, path).run()
+        await IdempotentExchange(self, scope, receive, send, path).run()
 
 
 def route_path(scope: Scope) -> str:
@@ -80,15 +98,15 @@ class IdempotentExchange:
 
     def __init__(
         self,
-        engine: IdempotencyEngine,
-        app: ASGIApp,
+        middleware: IdempotencyMiddleware,
         scope: Scope,
         receive: Receive,
         send: Send,
         path: str,
     ) -> None:
-        self.engine = engine
-        self.app = app
+        self.middleware = middleware
+        self.engine = middleware.engine
+        self.app = middleware.app
         self.scope = scope
         self.path = path
         self.receive = receive
@@ -246,5 +264,6 @@ class IdempotentExchange:
     async def store_call(self, function: Callable[..., T], *args: Any) -> T:
         """Run an engine step that may touch the store, off the event loop when it blocks."""
         if self.engine.store_blocks:
-            return await anyio.to_thread.run_sync(function, *args)
+            limiter = self.middleware.store_limiter()
+            return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
         return function(*args)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
+import anyio
 import pytest
 
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
@@ -332,6 +334,39 @@ async def test_non_blocking_store_calls_run_inline() -> None:
     client = Client()
     await middleware(http_scope(), client.receive, client.send)
     assert threads == [threading.get_ident()]
+
+
+class SlowCountingLayer(InMemoryPersistenceLayer):
+    """A blocking layer whose claim takes a while; counts the claims in flight at once."""
+
+    blocking_io: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+
+    def _put_record(self, data_record: DataRecord) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.02)
+        with self.lock:
+            self.in_flight -= 1
+        super()._put_record(data_record)
+
+
+async def test_blocking_store_calls_use_at_most_max_store_threads() -> None:
+    layer = SlowCountingLayer()
+    middleware = IdempotencyMiddleware(chunked_app([]), persistence_layer=layer)
+    middleware.max_store_threads = 3
+    clients = [Client() for _ in range(12)]
+    async with anyio.create_task_group() as tasks:
+        for n, client in enumerate(clients):
+            scope = http_scope(headers=[(b"idempotency-key", f"k-{n}".encode())])
+            tasks.start_soon(middleware, scope, client.receive, client.send)
+    assert [client.status for client in clients] == [201] * 12
+    assert layer.most_in_flight == 3
 
 
 @pytest.mark.parametrize(
