@@ -39,6 +39,21 @@ $(DEMO_STAMP): pyproject.toml
 demo: $(DEMO_STAMP)
 	$(BIN)/idem-middleware demo $(DEMO_ARGS)
 
+# `make bench` runs every benchmark from .venv, with the `bench` extra (the peers measured
+# against are benchmark-only dependencies), and rewrites BENCHMARKS.md and docs/benchmarks.png.
+# `make bench BENCH_ARGS=--quick` checks the setup. The HTTP load uses wrk when it is installed
+# (Debian: apt-get install wrk), else a Python client.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $@
+
+bench: $(BENCH_STAMP) $(DYNAMODB_LOCAL)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
 lint: $(BIN)/tox
 	$(BIN)/tox run -e lint
 

@@ -1,10 +1,17 @@
 """Section 2: latency and store calls per request against DynamoDB Local, ours and Powertools.
 
-Ours is the ASGI middleware around a minimal ASGI app, driven in-process on an asyncio loop, so
-its store calls go through the worker threads they use in production. Powertools is the
-``idempotent_function`` decorator of Powertools for AWS Lambda (Python) around a function that
-returns the same order, with its own ``DynamoDBPersistenceLayer``. Both use one table on the same
-endpoint, each its own boto3 client, counted by the same hook as ``benchmarks.store_roundtrips``.
+Two pairings, because the two libraries are called differently:
+
+* from an event loop: our ASGI middleware around a minimal ASGI app, driven in-process on an
+  asyncio loop (its store calls go to worker threads, as in production), against Powertools'
+  ``idempotent_function`` called in a worker thread, as an async app has to call a function that
+  blocks on DynamoDB (and as FastAPI runs a sync endpoint);
+* in the calling thread: our WSGI middleware around a minimal WSGI app, called as a WSGI server
+  calls it, against the same decorated function called directly.
+
+Powertools' function returns the same order, through its own ``DynamoDBPersistenceLayer``. All
+use one table on the same endpoint, each its own boto3 client, counted by the same hook as
+``benchmarks.store_roundtrips``.
 Requests of every case and both libraries are interleaved in rounds; the floor is one
 unconditional ``PutItem`` of a small item, the least a store call can cost::
 
@@ -15,7 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import io
+import json
 import os
+import re
 import statistics
 import time
 import uuid
@@ -23,9 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio.to_thread
+
 from benchmarks.inprocess import ASGIApp, Message, call
 from benchmarks.store_roundtrips import CallCounter, dynamodb
-from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
+from idem_middleware import IdempotencyConfig, IdempotencyMiddleware, IdempotencyWSGIMiddleware
 from idem_middleware.persistence import DynamoDBPersistenceLayer
 
 ORDER = {"sku": "ABC-123", "qty": 1}
@@ -69,6 +82,7 @@ class DynamoDBResult:
     requests_per_case: int
     put_item_ms: float
     cases: list[Case]
+    thread_hop_ms: float  # one anyio.to_thread.run_sync of a no-op, from the event loop
 
     def case(self, library: str, case: str) -> Case:
         return next(c for c in self.cases if c.library == library and c.case == case)
@@ -86,10 +100,10 @@ def _client(endpoint_url: str) -> Any:
     )
 
 
-class Ours:
-    """The middleware over DynamoDB, one app without and one with the local cache."""
+class OursASGI:
+    """The ASGI middleware on an event loop; store calls go to worker threads."""
 
-    name = "ours"
+    name = "ours, ASGI"
 
     def __init__(self, endpoint_url: str, table: str) -> None:
         self.client = _client(endpoint_url)
@@ -109,14 +123,64 @@ class Ours:
         self.loop.run_until_complete(call(self.apps[cached], key.encode(), responses))
         headers = dict(responses[0].get("headers", ()))
         if responses[0]["status"] != 201 or (b"idempotent-replayed" in headers) != replayed:
-            raise RuntimeError(f"ours: unexpected response {responses[0]!r} for {key!r}")
+            raise RuntimeError(f"{self.name}: unexpected response {responses[0]!r} for {key!r}")
 
     def close(self) -> None:
         self.loop.close()
 
 
+def order_wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+    environ["wsgi.input"].read()
+    start_response("201 Created", [("Content-Type", "application/json")])
+    return [RESPONSE_BODY]
+
+
+class OursWSGI:
+    """The WSGI middleware, called in this thread as a WSGI server would call it."""
+
+    name = "ours, WSGI"
+
+    def __init__(self, endpoint_url: str, table: str) -> None:
+        self.client = _client(endpoint_url)
+        self.counter = CallCounter(self.client)
+        self.apps = {
+            cached: IdempotencyWSGIMiddleware(
+                order_wsgi_app,
+                persistence_layer=DynamoDBPersistenceLayer(table, boto3_client=self.client),
+                config=IdempotencyConfig(use_local_cache=cached),
+            )
+            for cached in (False, True)
+        }
+
+    def request(self, key: str, *, cached: bool, replayed: bool) -> None:
+        body = json.dumps(ORDER).encode()
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/orders",
+            "QUERY_STRING": "",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(body)),
+            "HTTP_IDEMPOTENCY_KEY": key,
+            "wsgi.input": io.BytesIO(body),
+        }
+        seen: list[tuple[str, list[tuple[str, str]]]] = []
+        chunks = self.apps[cached](
+            environ, lambda status, headers, *_: seen.append((status, headers))
+        )
+        b"".join(chunks)
+        status, headers = seen[0]
+        names = {name.lower() for name, _ in headers}
+        if not status.startswith("201") or ("idempotent-replayed" in names) != replayed:
+            raise RuntimeError(f"{self.name}: unexpected response {status} for {key!r}")
+
+    def close(self) -> None:
+        pass
+
+
 class Powertools:
-    """``idempotent_function`` over Powertools' DynamoDB layer, keyed like ours by a client key."""
+    """``idempotent_function`` over Powertools' DynamoDB layer, keyed like ours by a client key,
+    called in this thread.
+    """
 
     name = "Powertools"
 
@@ -141,12 +205,7 @@ class Powertools:
             )
 
             def create_order(order: dict[str, Any]) -> dict[str, Any]:
-                return {
-                    "id": "ord_1",
-                    "status": "created",
-                    "sku": order["sku"],
-                    "qty": order["qty"],
-                }
+                return {"id": "ord_1", "status": "created", **ORDER}
 
             # One function name per layer: Powertools keys records by function name.
             create_order.__name__ = create_order.__qualname__ = f"create_order_{cached}"
@@ -157,10 +216,54 @@ class Powertools:
     def request(self, key: str, *, cached: bool, replayed: bool) -> None:
         result = self.functions[cached](order={"key": key, **ORDER})
         if result.get("id") != "ord_1":
-            raise RuntimeError(f"Powertools: unexpected result {result!r} for {key!r}")
+            raise RuntimeError(f"{self.name}: unexpected result {result!r} for {key!r}")
 
     def close(self) -> None:
         pass
+
+
+class PowertoolsFromLoop(Powertools):
+    """Powertools as an async app must call it, in a worker thread (as FastAPI runs a sync
+    endpoint): the decorated function blocks on DynamoDB for the whole request.
+    """
+
+    name = "Powertools, worker thread"
+
+    def __init__(self, endpoint_url: str, table: str) -> None:
+        super().__init__(endpoint_url, table)
+        self.loop = asyncio.new_event_loop()
+
+    def request(self, key: str, *, cached: bool, replayed: bool) -> None:
+        call_in_thread = anyio.to_thread.run_sync(
+            functools.partial(super().request, key, cached=cached, replayed=replayed)
+        )
+        self.loop.run_until_complete(call_in_thread)
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+#: (ours, theirs): the event-loop pairing first, then the calling-thread one.
+PAIRS = (("ours, ASGI", "Powertools, worker thread"), ("ours, WSGI", "Powertools"))
+
+
+def _thread_hop_ms(samples: int) -> float:
+    """What moving one call off the event loop and back costs on this machine, now."""
+
+    async def hops() -> list[float]:
+        latencies = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            await anyio.to_thread.run_sync(time.perf_counter)
+            latencies.append((time.perf_counter() - started) * 1000)
+        return latencies
+
+    return statistics.median(asyncio.run(hops()))
+
+
+def _tag(name: str) -> str:
+    """A key prefix per library: they share one table, and ours share one key prefix."""
+    return re.sub(r"[^a-z]+", "-", name.lower())
 
 
 def _put_item_floor(client: Any, table: str, samples: int) -> float:
@@ -179,18 +282,26 @@ def run_against(endpoint_url: str, implementation: str, rounds: int, per_round: 
     table = f"idem-bench-{uuid.uuid4().hex[:8]}"
     admin = _client(endpoint_url)
     DynamoDBPersistenceLayer(table, boto3_client=admin).create_table()
-    libraries = [Ours(endpoint_url, table), Powertools(endpoint_url, table)]
+    libraries = [
+        OursASGI(endpoint_url, table),
+        PowertoolsFromLoop(endpoint_url, table),
+        OursWSGI(endpoint_url, table),
+        Powertools(endpoint_url, table),
+    ]
     cases = {(lib.name, case): Case(lib.name, case) for lib in libraries for case in CASES}
     try:
         for lib in libraries:  # connection pools, JVM warm-up; not counted
             for i in range(20):
                 for cached in (False, True):
-                    lib.request(f"warmup-{cached}-{i}", cached=cached, replayed=False)
-                    lib.request(f"warmup-{cached}-{i}", cached=cached, replayed=True)
+                    key = f"{_tag(lib.name)}-warmup-{cached}-{i}"
+                    lib.request(key, cached=cached, replayed=False)
+                    lib.request(key, cached=cached, replayed=True)
         floor = _put_item_floor(admin, table, 20)  # warm-up of the admin client
         for round_index in range(rounds):
-            for lib in libraries[round_index % 2 :] + libraries[: round_index % 2]:
-                keys = [f"{lib.name}-{round_index}-{i}-{uuid.uuid4()}" for i in range(per_round)]
+            shift = round_index % len(libraries)
+            for lib in libraries[shift:] + libraries[:shift]:
+                tag = _tag(lib.name)
+                keys = [f"{tag}-{round_index}-{i}-{uuid.uuid4()}" for i in range(per_round)]
                 for case in CASES:
                     cached = case == "replay, local cache"
                     replayed = case != "new key"
@@ -205,7 +316,8 @@ def run_against(endpoint_url: str, implementation: str, rounds: int, per_round: 
                         result.latencies_ms.append((time.perf_counter() - started) * 1000)
                         result.calls.append(lib.counter.count - before)
         floor = _put_item_floor(admin, table, rounds * per_round)
-        return DynamoDBResult(implementation, rounds * per_round, floor, list(cases.values()))
+        hop = _thread_hop_ms(rounds * per_round)
+        return DynamoDBResult(implementation, rounds * per_round, floor, list(cases.values()), hop)
     finally:
         for lib in libraries:
             lib.close()
