@@ -68,4 +68,3 @@ def test_headers_from_asgi_answer_like_decoded_headers(name: str) -> None:
     assert len(lazy) == len(decoded)
     assert dict(lazy.items()) == dict(decoded.items())
     assert repr(lazy) == repr(decoded)
-
