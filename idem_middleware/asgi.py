@@ -136,9 +136,12 @@ class IdempotentExchange:
             body=body,
             raw=self.scope,
         )
-        decision = self.engine.prepare(request)
-        if isinstance(decision, PendingClaim):
-            decision = await self.store_call(self.engine.claim, decision)
+        if self.engine.store_blocks:
+            decision = self.engine.prepare(request)
+            if isinstance(decision, PendingClaim):
+                decision = await self.store_call(self.engine.claim, decision)
+        else:
+            decision = self.engine.begin(request)  # no I/O: nothing to move off the loop
         if isinstance(decision, Respond):
             await self.send_stored(decision.response)
         elif isinstance(decision, PassThrough):

@@ -76,14 +76,14 @@ class PassThrough:
     """Run the app as if the middleware were not there."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Respond:
     """Send ``response`` without running the app."""
 
     response: StoredResponse
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Proceed:
     """This request holds the key under ``lease``; run the app and complete or release."""
 
@@ -91,7 +91,7 @@ class Proceed:
     lease: DataRecord
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PendingClaim:
     """A request that passed every check that needs no store call; ``claim`` finishes it."""
 
@@ -100,6 +100,8 @@ class PendingClaim:
     payload_hash: str
 
 
+# The decisions are made for every request and read once: plain slotted dataclasses, since a
+# frozen dataclass pays an object.__setattr__ call per field to be built.
 Decision = PassThrough | Respond | Proceed
 
 PASS_THROUGH = PassThrough()
