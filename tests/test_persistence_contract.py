@@ -575,18 +575,22 @@ def test_memory_layer_sweeps_expired_records() -> None:
 
     for name in ("a", "b", "c"):  # expire at start + 60
         layer.save_inprogress(layer.build_idempotency_key(f"header:{name}"), HASH)
-    assert len(layer) == 3
+    assert layer.record_count == 3
 
     clock.now = start + 70  # a, b, c have expired, but the next sweep is not due
     layer.save_inprogress(layer.build_idempotency_key("header:d"), HASH)  # expires start + 130
-    assert len(layer) == 4
+    assert layer.record_count == 4
 
     clock.now = start + 100  # the sweep is due: only d, and e itself, are live
     layer.save_inprogress(layer.build_idempotency_key("header:e"), HASH)
-    assert len(layer) == 2
+    assert layer.record_count == 2
     with pytest.raises(IdempotencyItemNotFoundError):
         layer.get_record(layer.build_idempotency_key("header:a"))
     assert layer.get_record(layer.build_idempotency_key("header:d")).status == STATUS_INPROGRESS
+
+
+def test_an_empty_memory_layer_is_truthy() -> None:
+    assert InMemoryPersistenceLayer()
 
 
 # Operator removal (remove_record: unfenced) --------------------------------------------------

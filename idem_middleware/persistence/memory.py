@@ -31,7 +31,11 @@ class InMemoryPersistenceLayer(BasePersistenceLayer):
         self._sweep_interval = sweep_interval_seconds
         self._next_sweep = 0.0
 
-    def __len__(self) -> int:
+    @property
+    def record_count(self) -> int:
+        """Records held, live or awaiting the next sweep. (Not ``__len__``: an empty layer
+        must stay truthy for ``layer or default``.)
+        """
         return len(self._records)
 
     def _put_record(self, data_record: DataRecord) -> None:
