@@ -8,11 +8,14 @@ and a lazily decoded header list must answer like a decoded one.
 from __future__ import annotations
 
 import hashlib
+import random
+from collections.abc import Callable
 
 import pytest
 
 from idem_middleware.config import IdempotencyConfig
-from idem_middleware.keys import KeyDeriver, _is_bare_key
+from idem_middleware.exceptions import IdempotencyKeyInvalidError
+from idem_middleware.keys import KeyDeriver, _is_bare_key, parse_key
 from idem_middleware.request import Headers, IdempotencyRequest
 
 
@@ -68,3 +71,34 @@ def test_headers_from_asgi_answer_like_decoded_headers(name: str) -> None:
     assert len(lazy) == len(decoded)
     assert dict(lazy.items()) == dict(decoded.items())
     assert repr(lazy) == repr(decoded)
+
+
+def _parse_key_by_definition(value: str) -> str:
+    """parse_key's general path for one bare (unquoted) value, without its fast path."""
+    key = value.strip(" \t").partition(";")[0]
+    if not _is_bare_key_by_definition(key):
+        raise IdempotencyKeyInvalidError("bare")
+    if not 1 <= len(key) <= 255:
+        raise IdempotencyKeyInvalidError("length")
+    return key
+
+
+def _outcome(parse: Callable[[str], str], value: str) -> str:
+    try:
+        return "key:" + parse(value)
+    except IdempotencyKeyInvalidError:
+        return "error"  # which message is pinned by the key and HTTP behaviour tests
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_bare_key_fast_path_accepts_exactly_what_the_general_path_accepts(seed: int) -> None:
+    rng = random.Random(seed)
+    alphabet = [" ", "\t", ";", ",", '"', "é", "\x7f", "\n", "a", "Z", "-", "=", "~", "0"]
+    for _ in range(2000):
+        length = rng.choice([0, 1, 2, 5, 36, 254, 255, 256, 300])
+        value = "".join(rng.choice(alphabet) for _ in range(length))
+        if value.lstrip(" \t").startswith('"'):
+            continue  # quoted values take the sf-string path, untouched
+        assert _outcome(lambda v: parse_key([v]), value) == _outcome(
+            _parse_key_by_definition, value
+        ), repr(value)
