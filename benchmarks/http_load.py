@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import statistics
 import tempfile
 import threading
@@ -34,6 +33,13 @@ CONNECTIONS = 32
 REPLAY_KEYS = 500
 PAYMENT_BODY = b'{"amount":1250,"currency":"EUR"}'
 STORES = ("memory", "sqlite", "dynamodb")
+# DynamoDB Local keeps one database per access key and region: the servers and the process that
+# creates the table must use the same ones.
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "benchmark",
+    "AWS_SECRET_ACCESS_KEY": "benchmark",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @dataclass
@@ -51,6 +57,7 @@ class LoopHealth:
     loaded_p50_ms: float
     loaded_p99_ms: float
     covered_rps: float
+    covered_errors: int
     samples: int
 
     @property
@@ -95,8 +102,7 @@ FLASK = Target(
 
 
 def _store_env(store: str | None, workdir: Path, dynamodb_url: str, table: str) -> dict[str, str]:
-    env = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark"}
-    env["AWS_DEFAULT_REGION"] = "us-east-1"
+    env = dict(CREDENTIALS)
     if store is None:
         return env
     env["IDEM_STORE"] = store
@@ -216,6 +222,7 @@ def measure_loop_health(env: dict[str, str], log_dir: Path, seconds: float) -> L
         statistics.median(loaded),
         _p99(loaded),
         result[0].rps if result else 0.0,
+        result[0].errors if result else 0,
         len(loaded),
     )
 
@@ -223,8 +230,6 @@ def measure_loop_health(env: dict[str, str], log_dir: Path, seconds: float) -> L
 def run(seconds: float = 5.0, dynamodb_url: str | None = None) -> HTTPResult:
     from benchmarks.store_roundtrips import dynamodb
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "benchmark")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "benchmark")
     with (
         tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp,
         dynamodb(dynamodb_url) as (
@@ -249,7 +254,13 @@ def _create_table(endpoint_url: str) -> str:
     from idem_middleware.persistence import DynamoDBPersistenceLayer
 
     table = f"idem-http-{uuid.uuid4().hex[:8]}"
-    client = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1")
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=endpoint_url,
+        region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
     DynamoDBPersistenceLayer(table, boto3_client=client).create_table()
     return table
 

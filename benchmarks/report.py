@@ -145,12 +145,13 @@ def loop_health_table(result: HTTPResult) -> Table | None:
     if health is None:
         return None
     rows = [
-        ["idle server", f"{health.idle_p50_ms:.2f}", f"{health.idle_p99_ms:.2f}", ""],
+        ["idle server", f"{health.idle_p50_ms:.2f}", f"{health.idle_p99_ms:.2f}", "", ""],
         [
             "32 DynamoDB-bound POSTs in flight",
             f"{health.loaded_p50_ms:.2f}",
             f"{health.loaded_p99_ms:.2f}",
             f"{health.covered_rps:,.0f}",
+            str(health.covered_errors),
         ],
     ]
     note = (
@@ -159,7 +160,7 @@ def loop_health_table(result: HTTPResult) -> Table | None:
     )
     return (
         "4. Event-loop health: GET /health (not covered)",
-        ["while", "p50 ms", "p99 ms", "covered req/s"],
+        ["while", "p50 ms", "p99 ms", "covered req/s", "covered errors"],
         rows,
         note,
     )
