@@ -198,11 +198,16 @@ class Powertools:
         self.functions: dict[bool, Callable[..., Any]] = {}
         for cached in (False, True):
             layer = PowertoolsLayer(table_name=table, boto3_client=self.client)
+            # Doing what ours does: a payload fingerprint checked on every retry, and a lease
+            # on in-progress records (Powertools takes it from the Lambda context's remaining
+            # time; ours is 60 s by default).
             config = PowertoolsConfig(
                 event_key_jmespath="key",
+                payload_validation_jmespath="[sku, qty]",
                 use_local_cache=cached,
                 raise_on_no_idempotency_key=True,
             )
+            config.register_lambda_context(_LambdaContext())
 
             def create_order(order: dict[str, Any]) -> dict[str, Any]:
                 return {"id": "ord_1", "status": "created", **ORDER}
@@ -220,6 +225,13 @@ class Powertools:
 
     def close(self) -> None:
         pass
+
+
+class _LambdaContext:
+    """As much of a Lambda context as Powertools reads: the time left, for the lease."""
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
 
 
 class PowertoolsFromLoop(Powertools):
