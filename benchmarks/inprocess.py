@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import statistics
 import time
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,9 +96,12 @@ class Variant:
     def keys(self, round_index: int, per_round: int) -> list[bytes | None]:
         if not self.keyed:
             return [None] * per_round
-        # A bare token (UUID-like), as most clients send; the variant's name made into one.
-        prefix = re.sub(r"[^a-z0-9]+", "-", (self.key_prefix or self.name).lower())
-        return [f"{prefix}-{round_index}-{i}".encode() for i in range(per_round)]
+        # UUID-shaped, as most clients send them; the first group names the variant's keys.
+        prefix = zlib.crc32((self.key_prefix or self.name).encode())
+        return [
+            f"{prefix:08x}-{round_index % 0x10000:04x}-4000-8000-{i:012x}".encode()
+            for i in range(per_round)
+        ]
 
 
 def check(variant: Variant, responses: list[Message], expected: int) -> None:

@@ -349,6 +349,11 @@ def update_markdown(results: Results, checks: list[TargetCheck], chart: Path | N
     MARKDOWN.write_text(text, encoding="utf-8")
 
 
+def _rolling_median(values: list[float], window: int) -> list[float]:
+    half = window // 2
+    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
+
+
 def write_chart(results: Results, path: Path = CHART) -> Path | None:
     import matplotlib
 
@@ -391,15 +396,11 @@ def write_chart(results: Results, path: Path = CHART) -> Path | None:
             if "FastAPI" in r.name:
                 continue
             keys = [(i + 1) * per_round for i in range(len(r.us_per_round))]
-            ax.plot(
-                keys,
-                r.us_per_round,
-                label=r.name,
-                color=colour(r.name),
-                linestyle="--" if "replay" in r.name else "-",
-            )
+            style = ":" if "cache" in r.name else "--" if "replay" in r.name else "-"
+            smoothed = _rolling_median(r.us_per_round, 5)
+            ax.plot(keys, smoothed, label=r.name, color=colour(r.name), linestyle=style)
         ax.set_xlabel("keys in the store")
-        ax.set_ylabel("CPU µs per request (per round)")
+        ax.set_ylabel("CPU µs per request (rolling median of 5 rounds)")
         ax.set_title("Cost as the stores fill (Starlette)")
         ax.legend(fontsize=7)
         index += 2
