@@ -47,7 +47,9 @@ CLAIM_CONDITION = (
 )
 LEASE_CONDITION = "#status = :inprogress AND #in_progress_expiry = :lease"
 STORE_FAULTS = ["ProvisionedThroughputExceededException", "ThrottlingException"]
-NO_RETRIES = Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=5)
+# No retries, so an injected fault surfaces at once; generous timeouts, so a busy machine
+# (DynamoDB Local shares it with everything else) is not mistaken for a fault.
+NO_RETRIES = Config(retries={"total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
 
 
 @pytest.fixture
