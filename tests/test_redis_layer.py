@@ -21,6 +21,7 @@ from idem_middleware.exceptions import (
 from idem_middleware.persistence import RedisPersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
+from tests.support.backends import FakeClock
 
 pytestmark = pytest.mark.redis
 
@@ -34,17 +35,6 @@ RESPONSE = StoredResponse(
 )
 
 
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
@@ -54,7 +44,7 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 def make_layer(

@@ -24,6 +24,7 @@ from idem_middleware.exceptions import (
 from idem_middleware.persistence import SQLitePersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
+from tests.support.backends import FakeClock
 
 START = 1_700_000_000.25
 CONFIG = IdempotencyConfig(expires_after_seconds=3600, in_progress_expires_after_seconds=30)
@@ -35,17 +36,6 @@ RESPONSE = StoredResponse(
 )
 
 
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def make_layer(path: Path, clock: FakeClock, **options: Any) -> SQLitePersistenceLayer:
     layer = SQLitePersistenceLayer(path, **options)
     layer.configure(CONFIG)
@@ -55,7 +45,7 @@ def make_layer(path: Path, clock: FakeClock, **options: Any) -> SQLitePersistenc
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture
