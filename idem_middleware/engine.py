@@ -71,6 +71,8 @@ class IdempotencyEvent:
     detail: str | None = None
 
 
+# The decisions are made for every request and read once: plain slotted dataclasses, since a
+# frozen dataclass pays an object.__setattr__ call per field to be built.
 @dataclass(frozen=True, slots=True)
 class PassThrough:
     """Run the app as if the middleware were not there."""
@@ -100,8 +102,6 @@ class PendingClaim:
     payload_hash: str
 
 
-# The decisions are made for every request and read once: plain slotted dataclasses, since a
-# frozen dataclass pays an object.__setattr__ call per field to be built.
 Decision = PassThrough | Respond | Proceed
 
 PASS_THROUGH = PassThrough()
