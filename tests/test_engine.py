@@ -8,7 +8,10 @@ import pytest
 
 from idem_middleware import IdempotencyConfig, IdempotencyEvent
 from idem_middleware.engine import IdempotencyEngine, PassThrough, PendingClaim, Proceed, Respond
-from idem_middleware.exceptions import IdempotencyPersistenceLayerError
+from idem_middleware.exceptions import (
+    IdempotencyItemAlreadyExistsError,
+    IdempotencyPersistenceLayerError,
+)
 from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
 from idem_middleware.request import Headers, IdempotencyRequest
@@ -282,3 +285,57 @@ def test_layer_serves_one_config() -> None:
     engine(layer)  # the same config again is fine
     with pytest.raises(ValueError, match="already configured"):
         engine(layer, expires_after_seconds=5)
+
+
+class NoOldRecordLayer(InMemoryPersistenceLayer):
+    """A store that reports a collision without the record (as some stores can)."""
+
+    def _put_record(self, data_record: DataRecord) -> None:
+        try:
+            super()._put_record(data_record)
+        except IdempotencyItemAlreadyExistsError:
+            raise IdempotencyItemAlreadyExistsError(None) from None
+
+
+def test_a_collision_without_the_record_is_answered_from_a_read() -> None:
+    e = engine(NoOldRecordLayer())
+    first = e.begin(request())
+    assert isinstance(first, Proceed)
+    assert problem(e.begin(request())) == (409, "idempotency_key_in_use")
+    e.complete(first, CREATED)
+    replay = e.begin(request())
+    assert isinstance(replay, Respond)
+    assert replay.response.body == CREATED.body
+
+
+class ExpiredCollisionLayer(InMemoryPersistenceLayer):
+    """A store whose claims keep colliding with a record that has just expired."""
+
+    def _put_record(self, data_record: DataRecord) -> None:
+        expired = DataRecord(
+            data_record.idempotency_key, STATUS_COMPLETED, expiry_timestamp=0, payload_hash="x"
+        )
+        raise IdempotencyItemAlreadyExistsError(expired)
+
+
+def test_repeated_collisions_with_expired_records_end_in_409() -> None:
+    assert problem(engine(ExpiredCollisionLayer()).begin(request())) == (
+        409,
+        "idempotency_key_in_use",
+    )
+
+
+def test_a_completed_record_without_a_response_is_a_store_error() -> None:
+    layer = InMemoryPersistenceLayer()
+    e = engine(layer)
+    first = e.begin(request())
+    assert isinstance(first, Proceed)
+    e.complete(first, CREATED)
+    (key,) = layer._records
+    layer._records[key] = DataRecord(
+        key,
+        STATUS_COMPLETED,
+        expiry_timestamp=first.lease.expiry_timestamp,
+        payload_hash=first.lease.payload_hash,
+    )
+    assert problem(e.begin(request())) == (503, "idempotency_store_unavailable")

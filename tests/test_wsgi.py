@@ -298,3 +298,93 @@ def test_uncovered_request_is_passed_through_untouched() -> None:
     stream = env["wsgi.input"]
     assert Server().call(middleware(app), env) == b"ok"
     assert captured == [stream]
+
+
+class BrokenStream:
+    def read(self, size: int = -1) -> bytes:
+        raise OSError("connection reset by peer")
+
+
+def test_a_body_that_cannot_be_read_is_400_and_claims_nothing() -> None:
+    layer = InMemoryPersistenceLayer()
+    seen: list[dict[str, Any]] = []
+    server = Server()
+    body = server.call(
+        middleware(echo_app(seen), layer=layer),
+        environ(content_length=10, **{"wsgi.input": BrokenStream()}),
+    )
+    assert server.status is not None
+    assert server.status.startswith("400")
+    assert b"request_body_incomplete" in body
+    assert seen == []
+    assert layer._records == {}
+
+
+def test_an_unparsable_content_length_reads_no_body() -> None:
+    seen: list[dict[str, Any]] = []
+    env = environ(b"ignored")
+    env["CONTENT_LENGTH"] = "twelve"
+    assert Server().call(middleware(echo_app(seen)), env) == b"got:"
+    assert seen == [{"body": b"", "content_length": "0"}]
+
+
+def test_terminated_input_over_the_limit_is_413() -> None:
+    seen: list[dict[str, Any]] = []
+    env = environ(b"x" * 20, **{"wsgi.input_terminated": True})
+    del env["CONTENT_LENGTH"]
+    server = Server()
+    server.call(middleware(echo_app(seen), max_request_body_bytes=10), env)
+    assert server.status is not None
+    assert server.status.startswith("413")
+    assert seen == []
+
+
+def test_app_that_never_calls_start_response_fails_and_releases() -> None:
+    layer = InMemoryPersistenceLayer()
+
+    def app(env: dict[str, Any], start_response: Any) -> list[bytes]:
+        return [b"no status"]
+
+    with pytest.raises(RuntimeError, match="start_response"):
+        Server().call(middleware(app, layer=layer), environ())
+    assert layer._records == {}
+
+
+def test_once_streaming_write_and_exc_info_go_to_the_server() -> None:
+    written: list[bytes] = []
+    restarts: list[Any] = []
+
+    def app(env: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"a" * 20)  # past the limit: the response now streams
+        write(b"tail")
+        try:
+            raise ValueError("late failure")
+        except ValueError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        restarts.append(exc_info)
+        if exc_info is not None:
+            raise exc_info[1].with_traceback(exc_info[2])
+        return written.append
+
+    wrapped = middleware(app, max_stored_response_bytes=10)
+    with pytest.raises(ValueError, match="late failure"):
+        wrapped(environ(), start_response)
+    assert written == [b"a" * 20, b"tail"]
+    assert restarts[0] is None
+    assert restarts[1] is not None
+
+
+def test_a_status_without_a_known_phrase_is_replayed() -> None:
+    def app(env: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("299 Custom", [])
+        return [b"custom"]
+
+    wrapped = middleware(app)
+    Server().call(wrapped, environ())
+    replay = Server()
+    assert replay.call(wrapped, environ()) == b"custom"
+    assert replay.status == "299 Unknown"
