@@ -247,7 +247,12 @@ def test_prepare_needs_no_store_call_and_claim_makes_one() -> None:
     assert calls == ["put"]
 
 
-def test_unreadable_stored_response_is_a_store_error_not_a_crash() -> None:
+@pytest.mark.parametrize(
+    "response_data", ["{not json", None], ids=["unreadable-response", "no-response"]
+)
+def test_a_completed_record_without_a_usable_response_is_a_store_error(
+    response_data: str | None,
+) -> None:
     layer = InMemoryPersistenceLayer()
     e = engine(layer)
     first = e.begin(request())
@@ -258,7 +263,7 @@ def test_unreadable_stored_response_is_a_store_error_not_a_crash() -> None:
         key,
         STATUS_COMPLETED,
         expiry_timestamp=first.lease.expiry_timestamp,
-        response_data="{not json",
+        response_data=response_data,
         payload_hash=first.lease.payload_hash,
     )
     assert problem(e.begin(request())) == (503, "idempotency_store_unavailable")
@@ -323,19 +328,3 @@ def test_repeated_collisions_with_expired_records_end_in_409() -> None:
         409,
         "idempotency_key_in_use",
     )
-
-
-def test_a_completed_record_without_a_response_is_a_store_error() -> None:
-    layer = InMemoryPersistenceLayer()
-    e = engine(layer)
-    first = e.begin(request())
-    assert isinstance(first, Proceed)
-    e.complete(first, CREATED)
-    (key,) = layer._records
-    layer._records[key] = DataRecord(
-        key,
-        STATUS_COMPLETED,
-        expiry_timestamp=first.lease.expiry_timestamp,
-        payload_hash=first.lease.payload_hash,
-    )
-    assert problem(e.begin(request())) == (503, "idempotency_store_unavailable")
