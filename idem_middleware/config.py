@@ -41,6 +41,10 @@ DEFAULT_REPLAY_EXCLUDED_HEADERS = frozenset(
     }
 )
 
+#: Statuses that say "not now" rather than "done" (RFC 9110 408, RFC 8470 425, RFC 6585 429):
+#: released like a 5xx, never stored, so the client's retry after its Retry-After runs the handler.
+DEFAULT_TRANSIENT_STATUSES = frozenset({408, 425, 429})
+
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _KEY_SOURCES = ("header", "body", "header_or_body")
 _STORE_ERROR_POLICIES = ("reject", "passthrough")
@@ -72,6 +76,7 @@ class IdempotencyConfig:
     key_prefix: str | None = None
     scope: Callable[[IdempotencyRequest], str] | None = None
     store_server_errors: bool = False
+    transient_statuses: frozenset[int] = DEFAULT_TRANSIENT_STATUSES
     replay_header: str = "Idempotent-Replayed"
     replay_excluded_headers: frozenset[str] = DEFAULT_REPLAY_EXCLUDED_HEADERS
     max_request_body_bytes: int = 1_048_576
@@ -86,6 +91,7 @@ class IdempotencyConfig:
         self._coerce("exclude_paths", tuple(self.exclude_paths))
         if self.include_paths is not None:
             self._coerce("include_paths", tuple(self.include_paths))
+        self._coerce("transient_statuses", frozenset(self.transient_statuses))
         self._coerce(
             "replay_excluded_headers", frozenset(h.lower() for h in self.replay_excluded_headers)
         )
@@ -139,6 +145,12 @@ class IdempotencyConfig:
                 bool(self.key_prefix) and "#" not in self.key_prefix,
                 "key_prefix",
                 "must be a non-empty string without '#'",
+            )
+        for status in self.transient_statuses:
+            _require(
+                isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599,
+                "transient_statuses",
+                f"{status!r} is not an HTTP status code (100-599)",
             )
         _require(self.scope is None or callable(self.scope), "scope", "must be callable")
         _require(self.on_event is None or callable(self.on_event), "on_event", "must be callable")

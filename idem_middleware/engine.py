@@ -129,6 +129,7 @@ class IdempotencyEngine:
         self._include = _compile_globs(self.config.include_paths)
         self._exclude = _compile_globs(self.config.exclude_paths or None)
         self._excluded_headers = self.config.replay_excluded_headers
+        self._transient_statuses = self.config.transient_statuses
 
     # Selection ----------------------------------------------------------------------------
 
@@ -254,7 +255,11 @@ class IdempotencyEngine:
     # Finish -------------------------------------------------------------------------------
 
     def stores(self, status: int) -> bool:
-        """Whether a response with this status is stored (else the key is released)."""
+        """Whether a response with this status is stored (else the key is released): a
+        transient status never is, a 5xx only with ``store_server_errors``.
+        """
+        if status in self._transient_statuses:
+            return False
         return status < 500 or self.config.store_server_errors
 
     def complete(self, attempt: Proceed, response: StoredResponse) -> None:

@@ -28,6 +28,7 @@ def test_defaults_match_the_design() -> None:
     assert config.key_prefix is None
     assert config.scope is None
     assert config.store_server_errors is False
+    assert config.transient_statuses == frozenset({408, 425, 429})
     assert config.replay_header == "Idempotent-Replayed"
     assert {"connection", "transfer-encoding", "date", "server", "set-cookie"} <= (
         config.replay_excluded_headers
@@ -72,6 +73,8 @@ def test_collections_are_normalised_to_immutable_values() -> None:
         ("max_stored_response_bytes", -1),
         ("key_source", "cookie"),
         ("hash_function", "nope256"),
+        ("transient_statuses", {99}),
+        ("transient_statuses", {"429"}),
         ("hash_function", "shake_128"),
         ("event_key_jmespath", "order_id[["),
         ("payload_validation_jmespath", "a.."),

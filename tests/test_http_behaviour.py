@@ -265,6 +265,29 @@ def test_5xx_is_stored_and_replayed_with_store_server_errors(make: MakeHarness) 
     assert harness.calls["server_error"] == 1
 
 
+@pytest.mark.parametrize("status", [408, 425, 429])
+def test_transient_status_releases_the_key_so_the_retry_runs_again(
+    make: MakeHarness, status: int
+) -> None:
+    harness = make(store_server_errors=True)  # transient outcomes are never stored
+    first = harness.request("POST", f"/status?code={status}", headers=KEY)
+    retry = harness.request("POST", f"/status?code={status}", headers=KEY)
+    assert first.status == retry.status == status
+    assert not retry.replayed
+    assert harness.calls["status"] == 2
+
+
+def test_transient_statuses_are_configurable(make: MakeHarness) -> None:
+    harness = make(transient_statuses={409})
+    harness.request("POST", "/status?code=409", headers=KEY)
+    harness.request("POST", "/status?code=409", headers=KEY)
+    harness.request("POST", "/status?code=429", headers=[("Idempotency-Key", "other")])
+    replay = harness.request("POST", "/status?code=429", headers=[("Idempotency-Key", "other")])
+    assert harness.calls["status"] == 3
+    assert replay.replayed
+    assert replay.status == 429
+
+
 def test_4xx_is_stored_and_replayed(make: MakeHarness) -> None:
     harness = make()
     first = harness.request("POST", "/bad-request", headers=KEY)

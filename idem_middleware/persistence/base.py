@@ -7,6 +7,7 @@ On top of Powertools it fences completion and release on the lease a request hol
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -70,6 +71,16 @@ class BasePersistenceLayer(ABC):
         self._hash = hasher(config.hash_function)
         if config.use_local_cache:
             self._cache = LRUCache(maxsize=config.local_cache_max_items)
+
+    def check(self) -> None:
+        """Raise :class:`IdempotencyPersistenceLayerError` naming the cause when the store cannot
+        serve requests (unreachable, not authorised, table or file missing); return otherwise.
+
+        For startup (the ASGI adapter calls it at lifespan startup), the CLI and health checks.
+        The default reads a key no request uses; backends override it with a sharper probe.
+        """
+        with contextlib.suppress(IdempotencyItemNotFoundError):
+            self._get_record(f"{self.key_prefix}#check")
 
     # Keys ---------------------------------------------------------------------------------
 

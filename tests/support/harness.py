@@ -112,6 +112,10 @@ def build_asgi_app(state: AppState) -> Starlette:
         state.calls["binary"] += 1
         return StarletteResponse(bytes(range(256)) * 4, media_type="application/octet-stream")
 
+    async def with_status(req: Request) -> StarletteResponse:
+        state.calls["status"] += 1
+        return JSONResponse({"status": "chosen"}, status_code=int(req.query_params["code"]))
+
     return Starlette(
         routes=[
             Route("/orders", orders, methods=["POST", "PATCH", "PUT"]),
@@ -125,6 +129,7 @@ def build_asgi_app(state: AppState) -> Starlette:
             Route("/no-content", no_content, methods=["POST"]),
             Route("/big", big, methods=["POST"]),
             Route("/binary", binary, methods=["POST"]),
+            Route("/status", with_status, methods=["POST"]),
         ]
     )
 
@@ -191,6 +196,11 @@ def build_wsgi_app(state: AppState) -> Flask:
     def binary() -> Any:
         state.calls["binary"] += 1
         return app.response_class(bytes(range(256)) * 4, mimetype="application/octet-stream")
+
+    @app.post("/status")
+    def with_status() -> Any:
+        state.calls["status"] += 1
+        return {"status": "chosen"}, int(request.args["code"])
 
     return app
 
