@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Literal
 import jmespath
 import jmespath.exceptions
 
+from idem_middleware.routes import translate
+
 if TYPE_CHECKING:
     from idem_middleware.engine import IdempotencyEvent
     from idem_middleware.request import IdempotencyRequest
@@ -56,8 +58,12 @@ _VARIABLE_LENGTH_HASHES = frozenset({"shake_128", "shake_256"})
 class IdempotencyConfig:
     """How requests are selected, keyed, fingerprinted, stored and replayed.
 
-    Defaults follow DESIGN.md: POST and PATCH on every path, key from the ``Idempotency-Key``
-    header, completed responses replayed for 24 hours, a 60 second lease on in-flight requests.
+    The defaults are the safe common case: POST and PATCH on every path, key from the
+    ``Idempotency-Key`` header, completed responses replayed for 24 hours, a 60 second lease on
+    in-flight requests. ``include_paths`` and ``exclude_paths`` take globs and route templates
+    (:mod:`idem_middleware.routes`). Set ``scope`` whenever clients are not all the same
+    principal: without it, a client that sends another client's key gets that client's stored
+    response.
     """
 
     header_name: str = "Idempotency-Key"
@@ -87,14 +93,19 @@ class IdempotencyConfig:
     def __post_init__(self) -> None:
         # Accept any iterable for the collection fields, but store immutable, normalised values
         # so that a config can be shared between threads and hashed.
-        self._coerce("methods", frozenset(self.methods))
-        self._coerce("exclude_paths", tuple(self.exclude_paths))
+        self._coerce("methods", frozenset(_members(self.methods, "methods")))
+        self._coerce("exclude_paths", tuple(_members(self.exclude_paths, "exclude_paths")))
         if self.include_paths is not None:
-            self._coerce("include_paths", tuple(self.include_paths))
-        self._coerce("transient_statuses", frozenset(self.transient_statuses))
+            self._coerce("include_paths", tuple(_members(self.include_paths, "include_paths")))
         self._coerce(
-            "replay_excluded_headers", frozenset(h.lower() for h in self.replay_excluded_headers)
+            "transient_statuses", frozenset(_members(self.transient_statuses, "transient_statuses"))
         )
+        headers = _members(self.replay_excluded_headers, "replay_excluded_headers")
+        names = [header.lower() for header in headers if isinstance(header, str)]
+        _require(
+            len(names) == len(headers), "replay_excluded_headers", "must be header names (str)"
+        )
+        self._coerce("replay_excluded_headers", frozenset(names))
         self._validate()
 
     def _coerce(self, name: str, value: object) -> None:
@@ -117,18 +128,36 @@ class IdempotencyConfig:
                 _require(
                     isinstance(pattern, str) and pattern.startswith(("/", "*")),
                     name,
-                    f"{pattern!r} must be a path glob starting with '/' or '*'",
+                    f"{pattern!r} must be a path glob or route template starting with '/' or '*'",
                 )
+                try:
+                    re.compile(translate(pattern))
+                except (ValueError, re.error) as exc:
+                    raise ValueError(f"{name}: {exc}") from exc
         for name in ("event_key_jmespath", "payload_validation_jmespath"):
             expression = getattr(self, name)
             if expression is not None:
+                _require(isinstance(expression, str), name, "must be a JMESPath expression")
                 try:
                     jmespath.compile(expression)
                 except jmespath.exceptions.JMESPathError as exc:
                     raise ValueError(f"{name}: invalid JMESPath expression: {exc}") from exc
+        _require(
+            self.event_key_jmespath is None or self.key_source != "header",
+            "event_key_jmespath",
+            'selects the body-hash key, so it needs key_source="body" or "header_or_body"; '
+            'with key_source="header" it would be ignored',
+        )
         _require_positive_int(self.expires_after_seconds, "expires_after_seconds")
         _require_positive_int(
             self.in_progress_expires_after_seconds, "in_progress_expires_after_seconds"
+        )
+        _require(
+            self.expires_after_seconds >= self.in_progress_expires_after_seconds,
+            "expires_after_seconds",
+            f"{self.expires_after_seconds} is shorter than in_progress_expires_after_seconds "
+            f"({self.in_progress_expires_after_seconds}): a record must outlive its lease, or a "
+            "live request's key is taken over",
         )
         _require_positive_int(self.local_cache_max_items, "local_cache_max_items")
         _require_positive_int(self.max_request_body_bytes, "max_request_body_bytes")
@@ -159,6 +188,16 @@ class IdempotencyConfig:
             "on_store_error",
             f"must be one of {_STORE_ERROR_POLICIES}",
         )
+
+
+def _members(value: object, name: str) -> list[object]:
+    """The members of a collection option. A lone string or number is refused: iterating it
+    (``"/orders"`` as ``"/"``, ``"o"``, ...) would silently configure something else.
+    """
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return list(value)
+    hint = "" if value is None else f"; for one value write ({value!r},)"
+    raise ValueError(f"{name}: expected a collection (tuple, list or set), got {value!r}{hint}")
 
 
 def _is_token(value: object) -> bool:

@@ -15,7 +15,7 @@ call), so an async adapter can run only the store call in a worker thread.
 
 from __future__ import annotations
 
-import fnmatch
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
 from idem_middleware.request import IdempotencyRequest
 from idem_middleware.responses import StoredResponse, problem_response
+from idem_middleware.routes import compile_paths
 
 logger = logging.getLogger("idem_middleware")
 
@@ -113,6 +114,11 @@ class IdempotencyEngine:
     def __init__(
         self, persistence_layer: BasePersistenceLayer, config: IdempotencyConfig | None = None
     ) -> None:
+        if not isinstance(persistence_layer, BasePersistenceLayer):
+            raise TypeError(
+                "persistence_layer: expected a BasePersistenceLayer instance such as "
+                f"InMemoryPersistenceLayer(), got {persistence_layer!r}"
+            )
         self.config = config or IdempotencyConfig()
         self.persistence_layer = persistence_layer
         persistence_layer.configure(self.config)
@@ -126,20 +132,27 @@ class IdempotencyEngine:
             if self.config.max_stored_response_bytes is not None
             else persistence_layer.max_response_bytes
         )
+        self._methods = _all_cases(self.config.methods)
         self._include = _compile_globs(self.config.include_paths)
         self._exclude = _compile_globs(self.config.exclude_paths or None)
         self._excluded_headers = self.config.replay_excluded_headers
         self._transient_statuses = self.config.transient_statuses
+        if self.config.scope is None:
+            _warn_unscoped(self.config)
 
     # Selection ----------------------------------------------------------------------------
 
     def covers(self, method: str, path: str) -> bool:
-        """Whether the middleware handles this request at all; checked before reading the body."""
-        if method not in self.config.methods:
+        """Whether the middleware handles this request at all; checked before reading the body.
+
+        Methods match case-insensitively: werkzeug routes ``post`` to a POST view, and ASGI
+        servers pass the method as the client sent it.
+        """
+        if method not in self._methods:
             return False
-        if self._include is not None and not self._include.match(path):
+        if self._include is not None and not self._include.fullmatch(path):
             return False
-        return not (self._exclude is not None and self._exclude.match(path))
+        return not (self._exclude is not None and self._exclude.fullmatch(path))
 
     def body_too_large(self, method: str, path: str) -> Respond:
         """The 413 answer to a body over ``max_request_body_bytes``; the app does not run."""
@@ -170,9 +183,7 @@ class IdempotencyEngine:
             material = self.keys.key_material(request)
             if material is None:
                 if self.config.require_key:
-                    raise IdempotencyKeyMissingError(
-                        f"this endpoint requires an {self.config.header_name} header"
-                    )
+                    raise IdempotencyKeyMissingError(self.keys.missing_key_detail)
                 return PASS_THROUGH
             payload_hash = self.keys.fingerprint(request)
         except IdempotencyHTTPError as error:
@@ -425,9 +436,31 @@ class IdempotencyEngine:
 
 
 def _compile_globs(patterns: tuple[str, ...] | None) -> re.Pattern[str] | None:
-    """One regex for a tuple of globs (``/orders/*``), so each request pays one match.
-    An empty tuple matches nothing.
+    """One regex (for ``fullmatch``) for a tuple of globs and route templates, so each request
+    pays one match; see :mod:`idem_middleware.routes`. An empty tuple matches nothing.
     """
-    if patterns is None:
-        return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns) or "(?!)")
+    return None if patterns is None else compile_paths(patterns)
+
+
+def _all_cases(methods: frozenset[str]) -> frozenset[str]:
+    """Every spelling of each method (``post``, ``Post``, ...): covering a method in any case
+    then costs one set lookup. At most 2**7 spellings per method (``OPTIONS``, ``CONNECT``).
+    """
+    return frozenset(
+        "".join(letters)
+        for method in methods
+        for letters in itertools.product(*((c.upper(), c.lower()) for c in method))
+    )
+
+
+def _warn_unscoped(config: IdempotencyConfig) -> None:
+    # Once per middleware, at startup: a per-request warning would flood the log.
+    header = f"another client's {config.header_name}"
+    body = "the same body to the same route as another client"
+    sends = {"header": header, "body": body}.get(config.key_source, f"{header}, or {body},")
+    logger.warning(
+        "IdempotencyConfig.scope is not set: a client that sends %s gets that client's stored "
+        "response, headers included. Set scope to a callable returning the authenticated "
+        "principal (user or tenant id) so that each principal's keys name its own records.",
+        sends,
+    )

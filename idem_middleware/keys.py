@@ -15,6 +15,7 @@ from typing import Any
 
 import http_sf
 import jmespath
+import jmespath.exceptions
 import jmespath.parser
 
 from idem_middleware.config import IdempotencyConfig
@@ -102,12 +103,21 @@ class KeyDeriver:
         self._hash = hasher(config.hash_function)
         self._event_key = _compile(config.event_key_jmespath)
         self._payload_selection = _compile(config.payload_validation_jmespath)
+        #: The ``detail`` of the 400 ``idempotency_key_missing`` answer, in the terms of the
+        #: configured key source.
+        self.missing_key_detail = _missing_key_detail(config)
 
     def key_material(self, request: IdempotencyRequest) -> str | None:
         """What names this request's record, or ``None`` when the request carries no key.
 
+        A body-derived key is scoped to the method and route path, as Powertools scopes keys to
+        the function: the same body sent to two routes is two operations. A selection that is
+        null, an empty string, or a list or object of nulls only is no key (as in Powertools),
+        so requests lacking the selected fields never share one record.
+
         Raises :class:`IdempotencyKeyInvalidError` for a malformed header and
-        :class:`IdempotencyKeyError` when a JMESPath is configured and the body is not JSON.
+        :class:`IdempotencyKeyError` when a JMESPath is configured and the body is not JSON or
+        cannot be evaluated.
         """
         source = self.config.key_source
         if source != "body":
@@ -117,41 +127,109 @@ class KeyDeriver:
             if source == "header":
                 return None
         if self._event_key is not None:
-            selected = self._event_key.search(_json_body(request.body))
-            if selected is None:
+            selected = _select(self._event_key, request.body)
+            if _selects_nothing(selected):
                 return None
-            return "body:" + self._hash(_canonical_json(selected)).hexdigest()
-        if not request.body:
+            content = _canonical_json(selected)
+        elif request.body:
+            content = request.body
+        else:
             return None
-        return "body:" + self._hash(request.body).hexdigest()
+        digest = self._hash(b"\0".join((_method(request), _path(request), b"")))
+        digest.update(content)
+        return "body:" + digest.hexdigest()
 
     def fingerprint(self, request: IdempotencyRequest) -> str:
-        """A hash of what must not change between a request and its retries."""
-        # The hash of method NUL path NUL (query NUL body | selection), in as few calls as
-        # possible: stored fingerprints must not change, and each update has a fixed cost.
-        method = request.method.encode("ascii")
-        path = request.path.encode("utf-8", "surrogateescape")
+        """A hash of what must not change between a request and its retries: method, path,
+        query and body, or only the body's selection when ``payload_validation_jmespath`` is set.
+        """
+        # The hash of method NUL path NUL query NUL body, in as few calls as possible: stored
+        # fingerprints must not change, and each update has a fixed cost.
+        method = _method(request)
+        path = _path(request)
         if self._payload_selection is not None:
-            selected = self._payload_selection.search(_json_body(request.body))
-            return self._hash(b"\0".join((method, path, _canonical_json(selected)))).hexdigest()
+            selected = _canonical_json(_select(self._payload_selection, request.body))
+            # The query joins only when there is one, so that records stored before it was part
+            # of this fingerprint keep validating for requests without one. Canonical JSON
+            # escapes NUL, so the two layouts cannot collide.
+            if request.query_string:
+                query = request.query_string.encode("latin-1", "replace")
+                return self._hash(b"\0".join((method, path, query, selected))).hexdigest()
+            return self._hash(b"\0".join((method, path, selected))).hexdigest()
         query = request.query_string.encode("latin-1", "replace")
         digest = self._hash(b"\0".join((method, path, query, b"")))
         digest.update(request.body)  # a body may be a megabyte: hashed in place, not copied
         return digest.hexdigest()
 
 
+def _method(request: IdempotencyRequest) -> bytes:
+    # Methods are covered case-insensitively (werkzeug routes "post" to a POST view), so
+    # "post" and "POST" are the same request.
+    return request.method.upper().encode("ascii")
+
+
+def _path(request: IdempotencyRequest) -> bytes:
+    return request.path.encode("utf-8", "surrogateescape")
+
+
+def _missing_key_detail(config: IdempotencyConfig) -> str:
+    header = f"an {config.header_name} header"
+    if config.event_key_jmespath is not None:
+        body = f"a JSON body in which {config.event_key_jmespath!r} selects a value"
+    else:
+        body = "a request body"
+    if config.key_source == "header":
+        return f"this endpoint requires {header}"
+    if config.key_source == "body":
+        return f"this endpoint derives its idempotency key from {body}, and none was sent"
+    return f"this endpoint requires {header} or {body} to derive its idempotency key from"
+
+
 def _compile(expression: str | None) -> jmespath.parser.ParsedResult | None:
     return None if expression is None else jmespath.compile(expression)
 
 
-def _json_body(body: bytes) -> Any:
+def _select(expression: jmespath.parser.ParsedResult, body: bytes) -> Any:
+    """What ``expression`` selects in the JSON ``body``; an empty body selects nothing."""
+    if not body:
+        return None
     try:
-        return json.loads(body)
+        document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise IdempotencyKeyError(
             "the request body must be JSON: the idempotency key or fingerprint is selected from it"
         ) from exc
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    try:
+        return expression.search(document)
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    except (jmespath.exceptions.JMESPathError, ArithmeticError, TypeError, ValueError) as exc:
+        # The expression was validated at startup, so what fails now is the client's data: a
+        # function given a type it does not take (length(5)), a sum that overflows.
+        raise IdempotencyKeyError(
+            f"the idempotency key or fingerprint cannot be selected from this body: {exc}"
+        ) from exc
+
+
+def _selects_nothing(selected: Any) -> bool:
+    if isinstance(selected, list):
+        return all(item is None for item in selected)
+    if isinstance(selected, dict):
+        return all(value is None for value in selected.values())
+    return selected is None or selected == ""
+
+
+def _too_deep() -> IdempotencyKeyError:
+    return IdempotencyKeyError("the request body is nested too deeply")
 
 
 def _canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    # json.loads accepts lone surrogates ("\ud800"), which strict UTF-8 cannot encode; every
+    # other string encodes exactly as before.
+    return text.encode("utf-8", "surrogatepass")

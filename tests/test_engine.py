@@ -289,7 +289,7 @@ def test_layer_serves_one_config() -> None:
     engine(layer)
     engine(layer)  # the same config again is fine
     with pytest.raises(ValueError, match="already configured"):
-        engine(layer, expires_after_seconds=5)
+        engine(layer, expires_after_seconds=5, in_progress_expires_after_seconds=5)
 
 
 class NoOldRecordLayer(InMemoryPersistenceLayer):

@@ -32,10 +32,13 @@ def test_fingerprint_is_the_documented_hash_of_method_path_query_and_body() -> N
     assert KeyDeriver(IdempotencyConfig()).fingerprint(_request()) == expected
 
 
-def test_fingerprint_of_a_selection_is_the_hash_of_method_path_and_canonical_json() -> None:
+def test_fingerprint_of_a_selection_is_the_hash_of_method_path_query_and_canonical_json() -> None:
     deriver = KeyDeriver(IdempotencyConfig(payload_validation_jmespath="a"))
-    expected = hashlib.sha256(b"POST\0" + "/orders/é".encode() + b"\x001").hexdigest()
+    expected = hashlib.sha256(b"POST\0" + "/orders/é".encode() + b"\0q=1\x001").hexdigest()
     assert deriver.fingerprint(_request()) == expected
+    # Without a query, the hash is the one stored before the query joined it.
+    expected = hashlib.sha256(b"POST\0" + "/orders/é".encode() + b"\x001").hexdigest()
+    assert deriver.fingerprint(_request(query="")) == expected
 
 
 def _is_bare_key_by_definition(key: str) -> bool:

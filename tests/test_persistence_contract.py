@@ -544,12 +544,12 @@ def test_fifty_concurrent_takeovers_of_an_expired_lease_have_exactly_one_winner(
 
 
 def test_a_layer_serves_one_config(persistence_layer: BasePersistenceLayer) -> None:
-    config = IdempotencyConfig(expires_after_seconds=10)
+    config = IdempotencyConfig(expires_after_seconds=100)
     persistence_layer.configure(config)
-    persistence_layer.configure(IdempotencyConfig(expires_after_seconds=10))  # equal: fine
+    persistence_layer.configure(IdempotencyConfig(expires_after_seconds=100))  # equal: fine
 
     with pytest.raises(ValueError, match="already configured"):
-        persistence_layer.configure(IdempotencyConfig(expires_after_seconds=20))
+        persistence_layer.configure(IdempotencyConfig(expires_after_seconds=200))
     assert persistence_layer.config is config
 
 
