@@ -135,7 +135,9 @@ class KeyDeriver:
             content = request.body
         else:
             return None
-        digest = self._hash(b"\0".join((_method(request), _path(request), b"")))
+        method = request.method.upper().encode("ascii")
+        path = request.path.encode("utf-8", "surrogateescape")
+        digest = self._hash(b"\0".join((method, path, b"")))
         digest.update(content)
         return "body:" + digest.hexdigest()
 
@@ -144,14 +146,15 @@ class KeyDeriver:
         query and body, or only the body's selection when ``payload_validation_jmespath`` is set.
         """
         # The hash of method NUL path NUL query NUL body, in as few calls as possible: stored
-        # fingerprints must not change, and each update has a fixed cost.
-        method = _method(request)
-        path = _path(request)
+        # fingerprints must not change, and each update has a fixed cost. Methods are covered
+        # case-insensitively (werkzeug routes "post" to a POST view): "post" is "POST".
+        method = request.method.upper().encode("ascii")
+        path = request.path.encode("utf-8", "surrogateescape")
         if self._payload_selection is not None:
             selected = _canonical_json(_select(self._payload_selection, request.body))
             # The query joins only when there is one, so that records stored before it was part
             # of this fingerprint keep validating for requests without one. Canonical JSON
-            # escapes NUL, so the two layouts cannot collide.
+            # has no raw NUL, so a query never reads as part of a selection.
             if request.query_string:
                 query = request.query_string.encode("latin-1", "replace")
                 return self._hash(b"\0".join((method, path, query, selected))).hexdigest()
@@ -160,16 +163,6 @@ class KeyDeriver:
         digest = self._hash(b"\0".join((method, path, query, b"")))
         digest.update(request.body)  # a body may be a megabyte: hashed in place, not copied
         return digest.hexdigest()
-
-
-def _method(request: IdempotencyRequest) -> bytes:
-    # Methods are covered case-insensitively (werkzeug routes "post" to a POST view), so
-    # "post" and "POST" are the same request.
-    return request.method.upper().encode("ascii")
-
-
-def _path(request: IdempotencyRequest) -> bytes:
-    return request.path.encode("utf-8", "surrogateescape")
 
 
 def _missing_key_detail(config: IdempotencyConfig) -> str:

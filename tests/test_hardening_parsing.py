@@ -245,6 +245,22 @@ def test_a_partly_null_selection_is_still_a_key(make: MakeHarness) -> None:
     assert harness.calls["orders"] == 1
 
 
+def test_an_empty_body_selects_nothing(make: MakeHarness) -> None:
+    # No body is no JSON document to select from, not a malformed one: a body-keyed request
+    # without a body carries no key, and a header-keyed one is fingerprinted on a null selection
+    # (an action endpoint such as POST /payments/1/capture takes no body).
+    keyless = make(key_source="body", event_key_jmespath="order_id")
+    assert keyless.request("POST", "/orders").status == 201
+    assert keyless.request("POST", "/orders").status == 201
+    assert keyless.calls["orders"] == 2
+    keyed = make(payload_validation_jmespath="amount")
+    first = keyed.request("POST", "/orders", headers=KEY)
+    retry = keyed.request("POST", "/orders", headers=KEY)
+    assert first.status == 201
+    assert retry.replayed
+    assert keyed.calls["orders"] == 1
+
+
 # The fingerprint under payload_validation_jmespath ------------------------------------------
 
 
