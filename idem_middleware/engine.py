@@ -115,9 +115,10 @@ class IdempotencyEngine:
         self, persistence_layer: BasePersistenceLayer, config: IdempotencyConfig | None = None
     ) -> None:
         if not isinstance(persistence_layer, BasePersistenceLayer):
+            hint = " (a class: pass an instance)" if isinstance(persistence_layer, type) else ""
             raise TypeError(
                 "persistence_layer: expected a BasePersistenceLayer instance such as "
-                f"InMemoryPersistenceLayer(), got {persistence_layer!r}"
+                f"InMemoryPersistenceLayer(), got {persistence_layer!r}{hint}"
             )
         self.config = config or IdempotencyConfig()
         self.persistence_layer = persistence_layer
