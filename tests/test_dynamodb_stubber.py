@@ -45,9 +45,7 @@ CLAIM_CONDITION = (
     "(#status = :inprogress AND attribute_exists(#in_progress_expiry) "
     "AND #in_progress_expiry < :now_in_millis)"
 )
-LEASE_CONDITION = (
-    "#status = :inprogress AND #in_progress_expiry = :lease AND #lease_id = :lease_id"
-)
+LEASE_CONDITION = "#status = :inprogress AND #in_progress_expiry = :lease AND #lease_id = :lease_id"
 #: The lease id every claim draws in these tests (see ``fixed_lease_id``).
 LEASE_ID = "1d" * 16
 LEASE_NAMES = {
