@@ -294,7 +294,7 @@ class IdempotencyEngine:
                 request.path,
                 attempt.lease.idempotency_key,
                 status=response.status,
-                detail=f"response not stored: {error}",
+                detail=f"response not stored: {error}; " + self._after_lease(attempt.lease),
                 level=logging.ERROR,
             )
         else:
@@ -334,13 +334,26 @@ class IdempotencyEngine:
                 request.path,
                 attempt.lease.idempotency_key,
                 status=status,
-                detail=f"key not released, retries wait for the lease: {error}",
+                detail=f"key not released: {error}; " + self._after_lease(attempt.lease),
                 level=logging.ERROR,
             )
         else:
             self._emit(
                 "released", request.method, request.path, attempt.lease.idempotency_key, status
             )
+
+    def _after_lease(self, lease: DataRecord) -> str:
+        """What a write that finally failed means for the client's retry."""
+        expiry_ms = lease.in_progress_expiry_timestamp
+        remaining = (
+            max(0, round(expiry_ms / 1000 - self.persistence_layer.clock()))
+            if expiry_ms is not None
+            else self.config.in_progress_expires_after_seconds
+        )
+        return (
+            f"the key stays in progress until its lease runs out (in about {remaining} s): "
+            "retries get 409 until then, and a retry after the lease will run the handler again"
+        )
 
     # Outcomes -----------------------------------------------------------------------------
 

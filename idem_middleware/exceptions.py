@@ -101,3 +101,34 @@ class IdempotencyLeaseLostError(IdempotencyError):
 
 class IdempotencyInvalidStatusError(IdempotencyError):
     """A stored record has a status this version does not know."""
+
+
+# Store faults whose cause is clear. Each is a 503 like its base class (a request is never run
+# un-deduplicated because of them unless ``on_store_error="passthrough"``); the message names the
+# store and what to fix, for ``check()`` at startup, the CLI and the log.
+
+
+class StoreUnreachableError(IdempotencyPersistenceLayerError):
+    """The store did not answer: wrong host or port, network down, server stopped."""
+
+
+class StoreNotAuthorisedError(IdempotencyPersistenceLayerError):
+    """The store answered but refused these credentials or this operation."""
+
+
+class StoreNotFoundError(IdempotencyPersistenceLayerError):
+    """The store answered but the table (or the SQLite file's directory) does not exist."""
+
+
+class StoreRecordUnreadableError(IdempotencyPersistenceLayerError):
+    """A stored record has an unknown status or data this version cannot read."""
+
+
+class StoreRequestRejectedError(IdempotencyPersistenceLayerError):
+    """The store refused the request itself (e.g. an item over DynamoDB's size limit): the same
+    request would be refused again, so it is not retried.
+    """
+
+
+class StoreFullError(IdempotencyPersistenceLayerError):
+    """The store has no room for a new record (a bounded in-memory store of in-flight keys)."""

@@ -111,6 +111,7 @@ def test_item_uses_powertools_attribute_names_and_types(
 
     lease = layer.save_inprogress(key, HASH)
 
+    assert lease.lease_id is not None
     item = raw_item(dynamodb_client, dynamodb_table, {"id": {"S": key}})
     assert item == {
         "id": {"S": key},
@@ -118,6 +119,7 @@ def test_item_uses_powertools_attribute_names_and_types(
         "in_progress_expiration": {"N": str(int((now + 60) * 1000))},
         "status": {"S": "INPROGRESS"},
         "validation": {"S": HASH},
+        "lease_id": {"S": lease.lease_id},  # the one attribute Powertools' items lack
     }
 
     layer.clock = FakeClock(now + 3)
@@ -131,6 +133,7 @@ def test_item_uses_powertools_attribute_names_and_types(
         "status",
         "validation",
         "data",
+        "lease_id",
     }
     assert item["status"] == {"S": "COMPLETED"}
     assert item["expiration"] == {"N": str(int(now) + 3 + 86_400)}
@@ -208,6 +211,7 @@ def test_custom_attribute_names(
         "status_attr": "state",
         "data_attr": "response",
         "validation_key_attr": "fingerprint",
+        "lease_id_attr": "lease",
     }
     layer = make_layer(table, **names)
     assert layer.create_table() is True

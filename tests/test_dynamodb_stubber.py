@@ -45,11 +45,31 @@ CLAIM_CONDITION = (
     "(#status = :inprogress AND attribute_exists(#in_progress_expiry) "
     "AND #in_progress_expiry < :now_in_millis)"
 )
-LEASE_CONDITION = "#status = :inprogress AND #in_progress_expiry = :lease"
+LEASE_CONDITION = "#status = :inprogress AND #in_progress_expiry = :lease AND #lease_id = :lease_id"
+#: The lease id every claim draws in these tests (see ``fixed_lease_id``).
+LEASE_ID = "1d" * 16
+LEASE_NAMES = {
+    "#status": "status",
+    "#in_progress_expiry": "in_progress_expiration",
+    "#lease_id": "lease_id",
+}
+LEASE_VALUES = {
+    ":inprogress": {"S": "INPROGRESS"},
+    ":lease": {"N": str((NOW + 60) * 1000)},
+    ":lease_id": {"S": LEASE_ID},
+}
 STORE_FAULTS = ["ProvisionedThroughputExceededException", "ThrottlingException"]
 # No retries, so an injected fault surfaces at once; generous timeouts, so a busy machine
 # (DynamoDB Local shares it with everything else) is not mistaken for a fault.
 NO_RETRIES = Config(retries={"total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def fixed_lease_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims draw a random lease id; the exact requests below need a known one."""
+    monkeypatch.setattr(
+        "idem_middleware.persistence.base.secrets.token_hex", lambda nbytes=None: LEASE_ID
+    )
 
 
 @pytest.fixture
@@ -71,6 +91,8 @@ def configured(layer: DynamoDBPersistenceLayer, **options: Any) -> DynamoDBPersi
         else IdempotencyConfig(**options)
     )
     layer.clock = FakeClock(float(NOW))
+    # One attempt per write: each stub below answers one request. Retries have their own tests.
+    layer.write_attempts = 1
     return layer
 
 
@@ -91,6 +113,7 @@ def lease_item(key: str, **overrides: Any) -> dict[str, Any]:
         "status": {"S": "INPROGRESS"},
         "in_progress_expiration": {"N": str((NOW + 60) * 1000)},
         "validation": {"S": HASH},
+        "lease_id": {"S": LEASE_ID},
     }
     item.update(overrides)
     return item
@@ -194,17 +217,15 @@ def test_completion_is_an_update_fenced_on_the_lease(
             ),
             "ConditionExpression": LEASE_CONDITION,
             "ExpressionAttributeNames": {
+                **LEASE_NAMES,
                 "#expiry": "expiration",
-                "#status": "status",
-                "#in_progress_expiry": "in_progress_expiration",
                 "#data": "data",
                 "#validation": "validation",
             },
             "ExpressionAttributeValues": {
+                **LEASE_VALUES,
                 ":expiry": {"N": str(NOW + 7 + 3600)},
                 ":status": {"S": "COMPLETED"},
-                ":inprogress": {"S": "INPROGRESS"},
-                ":lease": {"N": str((NOW + 60) * 1000)},
                 ":data": {"S": RESPONSE.encode()},
                 ":validation": {"S": HASH},
             },
@@ -229,14 +250,8 @@ def test_release_is_a_delete_fenced_on_the_lease(
             "TableName": TABLE,
             "Key": {"id": {"S": key}},
             "ConditionExpression": LEASE_CONDITION,
-            "ExpressionAttributeNames": {
-                "#status": "status",
-                "#in_progress_expiry": "in_progress_expiration",
-            },
-            "ExpressionAttributeValues": {
-                ":inprogress": {"S": "INPROGRESS"},
-                ":lease": {"N": str((NOW + 60) * 1000)},
-            },
+            "ExpressionAttributeNames": LEASE_NAMES,
+            "ExpressionAttributeValues": LEASE_VALUES,
         },
     )
 
@@ -291,14 +306,8 @@ def test_composite_key_requests_name_partition_and_sort_key(client: Any, stubber
             "TableName": TABLE,
             "Key": composite,
             "ConditionExpression": LEASE_CONDITION,
-            "ExpressionAttributeNames": {
-                "#status": "status",
-                "#in_progress_expiry": "in_progress_expiration",
-            },
-            "ExpressionAttributeValues": {
-                ":inprogress": {"S": "INPROGRESS"},
-                ":lease": {"N": str((NOW + 60) * 1000)},
-            },
+            "ExpressionAttributeNames": LEASE_NAMES,
+            "ExpressionAttributeValues": LEASE_VALUES,
         },
     )
 
@@ -533,21 +542,36 @@ def test_engine_with_an_unreachable_store(
 def test_engine_survives_store_errors_after_the_handler_ran(
     client: Any, stubber: Stubber, code: str
 ) -> None:
+    """Completion and release are retried with a short backoff, then reported: the event
+    says that the client's retry will run the handler again once the lease runs out.
+    """
     events: list[IdempotencyEvent] = []
     engine = _engine(client, "reject", events)
+    waits: list[float] = []
+    engine.persistence_layer.sleep = waits.append
+    attempts = engine.persistence_layer.write_attempts
+    assert attempts == 3
     stubber.add_response("put_item", {})
     stubber.add_response("put_item", {})
-    stubber.add_client_error("update_item", service_error_code=code)
-    stubber.add_client_error("delete_item", service_error_code=code)
     first = engine.begin(_request())
     second = engine.begin(
         IdempotencyRequest("POST", "/orders", "", Headers([("Idempotency-Key", "o-2")]), b"{}")
     )
     assert isinstance(first, Proceed)
     assert isinstance(second, Proceed)
+    for _ in range(attempts):
+        stubber.add_client_error("update_item", service_error_code=code)
+    for _ in range(attempts):
+        stubber.add_client_error("delete_item", service_error_code=code)
 
     engine.complete(first, RESPONSE)  # must not raise: the response still goes out
     engine.release(second, 500)
 
     assert [event.name for event in events] == ["claimed", "claimed", "store_error", "store_error"]
-    assert all(code in (event.detail or "") for event in events[2:])
+    for event in events[2:]:
+        assert event.detail is not None
+        assert code in event.detail
+        assert f"gave up after {attempts} attempts" in event.detail
+        assert "a retry after the lease will run the handler again" in event.detail
+    assert len(waits) == 2 * (attempts - 1)
+    assert sum(waits) < 1.0, "the retries stay short"

@@ -72,11 +72,13 @@ def test_claim_stores_an_inprogress_hash(layer: RedisPersistenceLayer, client: r
     lease = layer.save_inprogress(key, "hash-a")
 
     assert lease.status == STATUS_INPROGRESS
+    assert lease.lease_id is not None
     assert client.hgetall(key) == {
         b"status": b"INPROGRESS",
         b"expiration": str(int(START) + 3600).encode(),
         b"in_progress_expiration": str(int((START + 30) * 1000)).encode(),
         b"validation": b"hash-a",
+        b"lease_id": lease.lease_id.encode(),
     }
     stored = layer.get_record(key)
     assert (stored.status, stored.payload_hash) == (STATUS_INPROGRESS, "hash-a")

@@ -168,7 +168,15 @@ def test_schema_mirrors_dynamodb_attributes_and_uses_wal(
     with sqlite3.connect(db_path) as connection:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(idempotency_records)")]
         mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
-    assert columns == ["id", "status", "expiration", "in_progress_expiration", "data", "validation"]
+    assert columns == [
+        "id",
+        "status",
+        "expiration",
+        "in_progress_expiration",
+        "data",
+        "validation",
+        "lease_id",
+    ]
     assert mode == "wal"
 
 
@@ -264,7 +272,7 @@ def test_write_lock_held_past_busy_timeout_is_a_persistence_error(
 def test_failed_purge_does_not_fail_the_claim(
     layer: SQLitePersistenceLayer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken_purge(now: float | None = None) -> int:
+    def broken_purge(now: float | None = None, *, max_batches: int | None = None) -> int:
         raise IdempotencyPersistenceLayerError("purge failed")
 
     monkeypatch.setattr(layer, "purge_expired", broken_purge)

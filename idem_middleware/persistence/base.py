@@ -8,6 +8,8 @@ On top of Powertools it fences completion and release on the lease a request hol
 from __future__ import annotations
 
 import contextlib
+import random
+import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -21,10 +23,20 @@ from idem_middleware.exceptions import (
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
+    IdempotencyPersistenceLayerError,
     IdempotencyValidationError,
+    StoreNotAuthorisedError,
+    StoreNotFoundError,
+    StoreRecordUnreadableError,
+    StoreRequestRejectedError,
 )
 from idem_middleware.keys import hasher
-from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.persistence.record import (
+    STATUS_COMPLETED,
+    STATUS_INPROGRESS,
+    STATUSES,
+    DataRecord,
+)
 from idem_middleware.responses import StoredResponse
 
 DEFAULT_KEY_PREFIX = "idempotency"
@@ -44,6 +56,13 @@ class BasePersistenceLayer(ABC):
     #: stream through and their record keeps status and headers only.
     max_response_bytes: int = 4 * 1024 * 1024
 
+    #: Attempts at a completion or release write that fails with a store error (a short network
+    #: partition, a locked SQLite file) before giving up: by then the handler has run, and a
+    #: record left in progress makes the client's retry wait out the lease and run it again.
+    write_attempts: int = 3
+    #: Sleep before the second attempt; each later one sleeps four times longer, with jitter.
+    write_retry_delay_seconds: float = 0.05
+
     def __init__(self) -> None:
         self.config = IdempotencyConfig()
         self.key_prefix = DEFAULT_KEY_PREFIX
@@ -53,6 +72,8 @@ class BasePersistenceLayer(ABC):
         self._cache_lock = threading.Lock()
         #: Source of "now" in epoch seconds; tests replace it to move time without sleeping.
         self.clock: Callable[[], float] = time.time
+        #: How the write retries wait; tests replace it to count the waits without sleeping.
+        self.sleep: Callable[[float], None] = time.sleep
 
     def configure(self, config: IdempotencyConfig, key_prefix: str | None = None) -> None:
         """Adopt the middleware's config. A layer serves one config: reusing it with another
@@ -114,8 +135,23 @@ class BasePersistenceLayer(ABC):
                 (now + self.config.in_progress_expires_after_seconds) * 1000
             ),
             payload_hash=payload_hash,
+            lease_id=secrets.token_hex(16),
         )
-        self._put_record(lease)
+        try:
+            self._put_record(lease)
+        except IdempotencyItemAlreadyExistsError as exc:
+            existing = exc.old_data_record
+            # botocore and redis-py resend a write whose reply was lost; the resend then finds
+            # the record the first attempt wrote. Its lease id (random, one per claim) says it is
+            # this request's own, so the claim succeeded: proceed instead of waiting out our own
+            # lease with a 409.
+            if existing is not None and existing.holds_same_lease(lease):
+                return lease
+            if existing is not None and existing.status not in STATUSES:
+                raise StoreRecordUnreadableError(
+                    f"the stored idempotency record has an unknown status {existing.status!r}"
+                ) from None
+            raise
         return lease
 
     def save_success(self, lease: DataRecord, response: StoredResponse) -> DataRecord:
@@ -130,12 +166,9 @@ class BasePersistenceLayer(ABC):
             in_progress_expiry_timestamp=lease.in_progress_expiry_timestamp,
             payload_hash=lease.payload_hash,
             response=response,
+            lease_id=lease.lease_id,
         )
-        try:
-            self._update_record(record)
-        except IdempotencyLeaseLostError:
-            if not self._completed_under(record):
-                raise
+        self._write_with_retries(self._update_record, record, self._completed_under)
         self._save_to_cache(record)
         return record
 
@@ -145,7 +178,64 @@ class BasePersistenceLayer(ABC):
         Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
         """
         self._evict_from_cache(lease.idempotency_key)
-        self._delete_record(lease)
+        self._write_with_retries(self._delete_record, lease, None)
+
+    def _write_with_retries(
+        self,
+        write: Callable[[DataRecord], None],
+        record: DataRecord,
+        already_done: Callable[[DataRecord], bool] | None,
+    ) -> None:
+        """Run a fenced write (completion or release), retrying store errors with a bounded
+        backoff: at most ``write_attempts`` attempts, and none started later than a quarter of
+        the lease after the first, so a request never holds its response for long and the
+        write lands well before another request could take the lease over.
+
+        A lost lease is an answer, never retried. After a failed attempt the write may have
+        landed anyway (the reply was lost), so a lost lease is then checked against the store:
+        ``already_done`` (a completion) or the record being gone (a release) means success.
+        """
+        budget = self.config.in_progress_expires_after_seconds / 4
+        started = time.monotonic()
+        delay = self.write_retry_delay_seconds
+        attempt = 1
+        while True:
+            try:
+                write(record)
+                return
+            except IdempotencyLeaseLostError:
+                if already_done is not None:
+                    if already_done(record):
+                        return
+                elif attempt > 1 and self._is_gone(record.idempotency_key):
+                    return
+                raise
+            except (
+                StoreNotFoundError,
+                StoreNotAuthorisedError,
+                StoreRecordUnreadableError,
+                StoreRequestRejectedError,
+            ):
+                raise  # the cause is clear and lasting: retrying only delays the answer
+            except IdempotencyPersistenceLayerError as exc:
+                pause = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not secrets
+                if attempt >= self.write_attempts or time.monotonic() - started + pause > budget:
+                    if attempt > 1:
+                        exc.detail = f"{exc.detail} (gave up after {attempt} attempts)"
+                        exc.args = (exc.detail,)
+                    raise
+            self.sleep(pause)
+            delay *= 4
+            attempt += 1
+
+    def _is_gone(self, idempotency_key: str) -> bool:
+        try:
+            self._get_record(idempotency_key)
+        except IdempotencyItemNotFoundError:
+            return True
+        except IdempotencyPersistenceLayerError:
+            return False
+        return False
 
     def remove_record(self, idempotency_key: str) -> bool:
         """Delete the key's record whatever its state or lease; returns whether one was stored.
@@ -187,13 +277,15 @@ class BasePersistenceLayer(ABC):
         """
         try:
             current = self._get_record(record.idempotency_key)
-        except IdempotencyItemNotFoundError:
+            return (
+                current.status == STATUS_COMPLETED
+                and current.lease_id == record.lease_id
+                and current.in_progress_expiry_timestamp == record.in_progress_expiry_timestamp
+                and current.response == record.response
+            )
+        except (IdempotencyItemNotFoundError, IdempotencyPersistenceLayerError, ValueError):
+            # Not provably ours: report the lease as lost rather than claim a completion.
             return False
-        return (
-            current.status == STATUS_COMPLETED
-            and current.in_progress_expiry_timestamp == record.in_progress_expiry_timestamp
-            and current.response == record.response
-        )
 
     # Local cache: COMPLETED records only, never served past their expiry --------------------
 
@@ -221,12 +313,12 @@ class BasePersistenceLayer(ABC):
 
     @abstractmethod
     def _put_record(self, data_record: DataRecord) -> None:
-        """Create the record unless a live one exists, atomically.
+        """Create the record (``lease_id`` included) unless a live one exists, atomically.
 
         "Live" means: not past ``expiry_timestamp``, and not an INPROGRESS record whose lease
         (``in_progress_expiry_timestamp``) has run out. Otherwise raise
         :class:`IdempotencyItemAlreadyExistsError` carrying the existing record, found in the same
-        round trip.
+        round trip. A record that cannot be read raises :class:`StoreRecordUnreadableError`.
         """
 
     @abstractmethod
@@ -235,16 +327,17 @@ class BasePersistenceLayer(ABC):
 
     @abstractmethod
     def _update_record(self, data_record: DataRecord) -> None:
-        """Replace the record, only while it is INPROGRESS under the same lease token
-        (``in_progress_expiry_timestamp``); otherwise raise :class:`IdempotencyLeaseLostError`.
+        """Replace the record, only while it is INPROGRESS under the same lease: the same
+        ``lease_id`` (absent when the lease has none) and ``in_progress_expiry_timestamp``;
+        otherwise raise :class:`IdempotencyLeaseLostError`.
         A store that can only keep the response without its body sets ``response_data`` to
         what it kept.
         """
 
     @abstractmethod
     def _delete_record(self, data_record: DataRecord) -> None:
-        """Delete the record, only while it is INPROGRESS under the same lease token;
-        otherwise raise :class:`IdempotencyLeaseLostError`.
+        """Delete the record, only while it is INPROGRESS under the same lease (as
+        :meth:`_update_record`); otherwise raise :class:`IdempotencyLeaseLostError`.
         """
 
     @abstractmethod
@@ -252,6 +345,3 @@ class BasePersistenceLayer(ABC):
         """Delete the record unconditionally (no lease check); return whether one was stored,
         expired or not. Store faults raise :class:`IdempotencyPersistenceLayerError`.
         """
-
-    def _now_ms(self) -> int:
-        return int(self.clock() * 1000)

@@ -3,8 +3,10 @@
 Same attribute names and defaults as Powertools for AWS Lambda, so a table can be shared or
 migrated. The claim is one conditional ``PutItem`` that returns the existing item on collision
 (``ReturnValuesOnConditionCheckFailure=ALL_OLD``); completion and release are conditional on the
-lease token (``in_progress_expiration``), so a request whose lease ran out cannot touch the
-record of the request that took over.
+lease (``in_progress_expiration`` and the extra ``lease_id`` attribute, a random token per claim),
+so a request whose lease ran out cannot touch the record of the request that took over. Items
+written without ``lease_id`` (by Powertools or earlier versions) are read, and fenced on
+``in_progress_expiration`` alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from idem_middleware.exceptions import (
     IdempotencyInvalidStatusError,
@@ -23,6 +31,11 @@ from idem_middleware.exceptions import (
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
     IdempotencyPersistenceLayerError,
+    StoreNotAuthorisedError,
+    StoreNotFoundError,
+    StoreRecordUnreadableError,
+    StoreRequestRejectedError,
+    StoreUnreachableError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
@@ -45,7 +58,24 @@ _CLAIM_CONDITION = (
     "(#status = :inprogress AND attribute_exists(#in_progress_expiry) "
     "AND #in_progress_expiry < :now_in_millis)"
 )
-_LEASE_CONDITION = "#status = :inprogress AND #in_progress_expiry = :lease"
+_LEASE_CONDITION = (
+    "#status = :inprogress AND #in_progress_expiry = :lease AND #lease_id = :lease_id"
+)
+#: The lease of an item written without a lease id (Powertools, earlier versions).
+_LEGACY_LEASE_CONDITION = (
+    "#status = :inprogress AND #in_progress_expiry = :lease AND attribute_not_exists(#lease_id)"
+)
+_NOT_AUTHORISED = frozenset(
+    {
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "MissingAuthenticationTokenException",
+        "InvalidClientTokenId",
+        "IncompleteSignature",
+    }
+)
 
 
 class DynamoDBPersistenceLayer(BasePersistenceLayer):
@@ -54,7 +84,8 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
     With ``sort_key_attr`` the table has a composite key: every record shares the partition key
     ``static_pk_value`` and the idempotency key goes in the sort key (Powertools' layout).
     Pass ``boto3_client`` (e.g. one pointed at DynamoDB Local), or a ``boto3_session`` and
-    ``boto_config`` to build one.
+    ``boto_config`` to build one. ``lease_id_attr`` is the one attribute Powertools' table does
+    not have (an extra attribute, so the table stays shared-compatible).
     """
 
     def __init__(
@@ -71,6 +102,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         boto_config: Config | None = None,
         boto3_session: boto3.session.Session | None = None,
         boto3_client: DynamoDBClient | None = None,
+        lease_id_attr: str = "lease_id",
     ) -> None:
         super().__init__()
         if sort_key_attr == key_attr:
@@ -88,6 +120,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         self.status_attr = status_attr
         self.data_attr = data_attr
         self.validation_key_attr = validation_key_attr
+        self.lease_id_attr = lease_id_attr
 
     # Primitives ---------------------------------------------------------------------------
 
@@ -99,6 +132,8 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         item[self.in_progress_expiry_attr] = _number(data_record.in_progress_expiry_timestamp)
         if data_record.payload_hash is not None:
             item[self.validation_key_attr] = {"S": data_record.payload_hash}
+        if data_record.lease_id is not None:
+            item[self.lease_id_attr] = {"S": data_record.lease_id}
         try:
             self.client.put_item(
                 TableName=self.table_name,
@@ -165,17 +200,10 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
     def _conditional_update(
         self, data_record: DataRecord, data: AttributeValueTypeDef | None
     ) -> None:
-        names = {
-            "#expiry": self.expiry_attr,
-            "#status": self.status_attr,
-            "#in_progress_expiry": self.in_progress_expiry_attr,
-        }
-        values: dict[str, AttributeValueTypeDef] = {
-            ":expiry": _number(data_record.expiry_timestamp),
-            ":status": {"S": data_record.status},
-            ":inprogress": {"S": STATUS_INPROGRESS},
-            ":lease": _number(data_record.in_progress_expiry_timestamp),
-        }
+        condition, names, values = self._lease_condition(data_record)
+        names["#expiry"] = self.expiry_attr
+        values[":expiry"] = _number(data_record.expiry_timestamp)
+        values[":status"] = {"S": data_record.status}
         assignments = ["#expiry = :expiry", "#status = :status"]
         if data is not None:
             names["#data"] = self.data_attr
@@ -190,7 +218,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
                 TableName=self.table_name,
                 Key=self._key(data_record.idempotency_key),
                 UpdateExpression="SET " + ", ".join(assignments),
-                ConditionExpression=_LEASE_CONDITION,
+                ConditionExpression=condition,
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
@@ -203,20 +231,33 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         except BotoCoreError as exc:
             self._raise_store_error("UpdateItem", exc)
 
+    def _lease_condition(
+        self, lease: DataRecord
+    ) -> tuple[str, dict[str, str], dict[str, AttributeValueTypeDef]]:
+        """The condition that the item is still in progress under ``lease``."""
+        names = {
+            "#status": self.status_attr,
+            "#in_progress_expiry": self.in_progress_expiry_attr,
+            "#lease_id": self.lease_id_attr,
+        }
+        values: dict[str, AttributeValueTypeDef] = {
+            ":inprogress": {"S": STATUS_INPROGRESS},
+            ":lease": _number(lease.in_progress_expiry_timestamp),
+        }
+        if lease.lease_id is None:
+            return _LEGACY_LEASE_CONDITION, names, values
+        values[":lease_id"] = {"S": lease.lease_id}
+        return _LEASE_CONDITION, names, values
+
     def _delete_record(self, data_record: DataRecord) -> None:
+        condition, names, values = self._lease_condition(data_record)
         try:
             self.client.delete_item(
                 TableName=self.table_name,
                 Key=self._key(data_record.idempotency_key),
-                ConditionExpression=_LEASE_CONDITION,
-                ExpressionAttributeNames={
-                    "#status": self.status_attr,
-                    "#in_progress_expiry": self.in_progress_expiry_attr,
-                },
-                ExpressionAttributeValues={
-                    ":inprogress": {"S": STATUS_INPROGRESS},
-                    ":lease": _number(data_record.in_progress_expiry_timestamp),
-                },
+                ConditionExpression=condition,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if _error_code(exc) == "ConditionalCheckFailedException":
@@ -235,6 +276,20 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         except (ClientError, BotoCoreError) as exc:
             self._raise_store_error("DeleteItem", exc)
         return bool(response.get("Attributes"))
+
+    def check(self) -> None:
+        """DescribeTable: a missing table, refused credentials or an unreachable endpoint raise
+        a typed store error naming the table. A role allowed only the item operations (as
+        Powertools' documented policy) may not describe tables; it is then probed with GetItem.
+        """
+        try:
+            self.client.describe_table(TableName=self.table_name)
+        except ClientError as exc:
+            if _error_code(exc) != "AccessDeniedException":
+                self._raise_store_error("DescribeTable", exc)
+            super().check()
+        except BotoCoreError as exc:
+            self._raise_store_error("DescribeTable", exc)
 
     # Table management ---------------------------------------------------------------------
 
@@ -291,7 +346,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             return self._parse_item(item)
         except (KeyError, TypeError, ValueError, zlib.error, IdempotencyInvalidStatusError) as exc:
             # A record this layer cannot read is a store fault (503), never a 500.
-            raise IdempotencyPersistenceLayerError(
+            raise StoreRecordUnreadableError(
                 f"unreadable idempotency record in table {self.table_name!r}: {exc!r}"
             ) from exc
 
@@ -306,6 +361,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             response_data = data["S"]
         in_progress = item.get(self.in_progress_expiry_attr)
         validation = item.get(self.validation_key_attr)
+        lease_id = item.get(self.lease_id_attr)
         return DataRecord(
             idempotency_key=item[key_attr]["S"],
             status=item[self.status_attr]["S"],
@@ -313,6 +369,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             in_progress_expiry_timestamp=int(in_progress["N"]) if in_progress else None,
             response_data=response_data,
             payload_hash=validation["S"] if validation else None,
+            lease_id=lease_id["S"] if lease_id else None,
         )
 
     @staticmethod
@@ -341,9 +398,31 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         return size + len(data_record.idempotency_key) + _ITEM_OVERHEAD_BYTES
 
     def _raise_store_error(self, operation: str, exc: Exception) -> NoReturn:
-        raise IdempotencyPersistenceLayerError(
-            f"DynamoDB {operation} on table {self.table_name!r} failed: {exc}"
-        ) from exc
+        message = (
+            f"DynamoDB {operation} on table {self.table_name!r} ({self._where()}) failed: {exc}"
+        )
+        code = _error_code(exc) if isinstance(exc, ClientError) else ""
+        if code == "ResourceNotFoundException":
+            raise StoreNotFoundError(
+                f"{message}; create the table (DynamoDBPersistenceLayer.create_table() or "
+                "`idem-middleware create-table --table <name>`), or fix table_name and the region"
+            ) from exc
+        if code in _NOT_AUTHORISED or isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            raise StoreNotAuthorisedError(
+                f"{message}; give this process AWS credentials allowed dynamodb:GetItem, "
+                "PutItem, UpdateItem and DeleteItem on the table"
+            ) from exc
+        if code == "ValidationException":
+            raise StoreRequestRejectedError(message) from exc
+        if isinstance(exc, ConnectionError):
+            raise StoreUnreachableError(
+                f"{message}; check the region, the endpoint URL and the network route to it"
+            ) from exc
+        raise IdempotencyPersistenceLayerError(message) from exc
+
+    def _where(self) -> str:
+        meta = self.client.meta
+        return f"region {meta.region_name}, endpoint {meta.endpoint_url}"
 
 
 def _number(value: int | None) -> AttributeValueTypeDef:

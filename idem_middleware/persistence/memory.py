@@ -9,23 +9,36 @@ from idem_middleware.exceptions import (
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
+    StoreFullError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
-from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
+from idem_middleware.persistence.record import STATUS_COMPLETED, DataRecord
+
+#: Records kept at most by default: about 120 MB of typical small JSON responses.
+DEFAULT_MAX_ITEMS = 100_000
 
 
 class InMemoryPersistenceLayer(BasePersistenceLayer):
     """Records in a dict behind a lock: safe under threads and asyncio, gone with the process.
 
     Records are never mutated once stored (every write stores a new object), so a record handed
-    out stays consistent. Expired records are swept every ``sweep_interval_seconds``, so memory
-    stays bounded by the records that are still live.
+    out stays consistent. Expired records are swept every ``sweep_interval_seconds``, and at most
+    ``max_items`` records are kept: a claim that finds the store full first sweeps the expired
+    records, then evicts the oldest completed ones (their keys would run again, as after
+    expiry). An in-progress record is never evicted: when every record is in progress, the
+    claim fails with :class:`StoreFullError` (a 503) rather than let a duplicate run.
     """
 
     blocking_io: ClassVar[bool] = False
 
-    def __init__(self, *, sweep_interval_seconds: float = 60.0) -> None:
+    def __init__(
+        self, *, max_items: int = DEFAULT_MAX_ITEMS, sweep_interval_seconds: float = 60.0
+    ) -> None:
         super().__init__()
+        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"max_items must be a positive int, got {max_items!r}")
+        self.max_items = max_items
+        # Insertion-ordered: the first records are the oldest claims.
         self._records: dict[str, DataRecord] = {}
         self._lock = threading.Lock()
         self._sweep_interval = sweep_interval_seconds
@@ -43,10 +56,15 @@ class InMemoryPersistenceLayer(BasePersistenceLayer):
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
-            existing = self._records.get(data_record.idempotency_key)
-            if existing is not None and existing.blocks_claim(now):
-                raise IdempotencyItemAlreadyExistsError(existing)
-            self._records[data_record.idempotency_key] = data_record
+            key = data_record.idempotency_key
+            existing = self._records.get(key)
+            if existing is not None:
+                if existing.blocks_claim(now):
+                    raise IdempotencyItemAlreadyExistsError(existing)
+                del self._records[key]  # re-inserted below as the newest record
+            elif len(self._records) >= self.max_items:
+                self._make_room(now)
+            self._records[key] = data_record
 
     def _get_record(self, idempotency_key: str) -> DataRecord:
         try:
@@ -70,12 +88,33 @@ class InMemoryPersistenceLayer(BasePersistenceLayer):
 
     def _check_lease(self, data_record: DataRecord) -> None:
         current = self._records.get(data_record.idempotency_key)
-        if (
-            current is None
-            or current.status != STATUS_INPROGRESS
-            or current.in_progress_expiry_timestamp != data_record.in_progress_expiry_timestamp
-        ):
+        if current is None or not current.holds_same_lease(data_record):
             raise IdempotencyLeaseLostError(data_record.idempotency_key)
+
+    def _make_room(self, now: float) -> None:
+        """Free at least one slot: expired records first, then the oldest completed ones.
+
+        Evicts a batch (1% of ``max_items``) so that a full store pays the scan once per batch
+        of claims, not once per claim.
+        """
+        self._sweep(now)
+        target = self.max_items - max(1, self.max_items // 100)
+        if len(self._records) <= target:
+            return
+        excess = len(self._records) - target
+        oldest_completed = []
+        for key, record in self._records.items():
+            if record.status == STATUS_COMPLETED:
+                oldest_completed.append(key)
+                if len(oldest_completed) == excess:
+                    break
+        for key in oldest_completed:
+            del self._records[key]
+        if len(self._records) >= self.max_items:
+            raise StoreFullError(
+                f"the in-memory idempotency store holds max_items={self.max_items} requests "
+                "still in progress; raise max_items or use a shared store"
+            )
 
     def _sweep(self, now: float) -> None:
         expired = [key for key, record in self._records.items() if record.is_expired(now)]

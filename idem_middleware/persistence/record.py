@@ -17,9 +17,12 @@ class DataRecord:
     """An idempotency record (the Powertools ``DataRecord``, plus the HTTP response it replays).
 
     ``expiry_timestamp`` is epoch seconds (the DynamoDB TTL attribute);
-    ``in_progress_expiry_timestamp`` is epoch milliseconds and doubles as the lease token: each
-    claim sets a later value than the lease it replaces, so completion and release can be made
-    conditional on it.
+    ``in_progress_expiry_timestamp`` is epoch milliseconds, when the lease runs out.
+    ``lease_id`` is a random token drawn by each claim: completion and release are conditional
+    on it and on ``in_progress_expiry_timestamp`` together, so two claims made in the same
+    millisecond never hold the same lease, and a claim that a client library resent after a lost
+    reply can recognise its own record. Records written before lease ids existed have none
+    (``None``) and are fenced on ``in_progress_expiry_timestamp`` alone, as they were then.
 
     The response is held in whichever form the record was made with - the serialised
     ``response_data`` a store reads back, or the ``response`` an app just produced - and the
@@ -32,6 +35,7 @@ class DataRecord:
         "expiry_timestamp",
         "idempotency_key",
         "in_progress_expiry_timestamp",
+        "lease_id",
         "payload_hash",
         "status",
     )
@@ -39,13 +43,14 @@ class DataRecord:
     def __init__(
         self,
         idempotency_key: str,
-        status: str = "",
+        status: str,
         expiry_timestamp: int | None = None,
         in_progress_expiry_timestamp: int | None = None,
         response_data: str | None = None,
         payload_hash: str | None = None,
         *,
         response: StoredResponse | None = None,
+        lease_id: str | None = None,
     ) -> None:
         if status not in STATUSES:
             raise IdempotencyInvalidStatusError(f"unknown idempotency record status {status!r}")
@@ -54,6 +59,7 @@ class DataRecord:
         self.expiry_timestamp = expiry_timestamp
         self.in_progress_expiry_timestamp = in_progress_expiry_timestamp
         self.payload_hash = payload_hash
+        self.lease_id = lease_id
         self._response_data = response_data
         self._response = response
 
@@ -83,7 +89,7 @@ class DataRecord:
             f"DataRecord(idempotency_key={self.idempotency_key!r}, status={self.status!r}, "
             f"expiry_timestamp={self.expiry_timestamp!r}, "
             f"in_progress_expiry_timestamp={self.in_progress_expiry_timestamp!r}, "
-            f"payload_hash={self.payload_hash!r})"
+            f"lease_id={self.lease_id!r}, payload_hash={self.payload_hash!r})"
         )
 
     def is_expired(self, now: float | None = None) -> bool:
@@ -104,6 +110,14 @@ class DataRecord:
         if self.is_expired(now):
             return False
         return not (self.status == STATUS_INPROGRESS and self.lease_expired(now))
+
+    def holds_same_lease(self, lease: DataRecord) -> bool:
+        """Whether this stored record is the in-progress record ``lease`` was claimed with."""
+        return (
+            self.status == STATUS_INPROGRESS
+            and self.lease_id == lease.lease_id
+            and self.in_progress_expiry_timestamp == lease.in_progress_expiry_timestamp
+        )
 
     def current_status(self, now: float | None = None) -> str:
         """``status``, or EXPIRED once the record has outlived its expiry."""

@@ -4,8 +4,10 @@ The standard library's ``sqlite3`` in WAL mode: readers never block the writer, 
 is a single ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <the existing record is dead>`` inside a
 ``BEGIN IMMEDIATE`` transaction, so across threads and processes exactly one request wins a key
 and a loser reads the record that beat it under the same write lock. Completion and release are
-fenced on the lease token (``in_progress_expiration``), as in the DynamoDB layer, whose
-attribute names the columns mirror.
+fenced on the lease (``lease_id`` and ``in_progress_expiration``), as in the DynamoDB layer,
+whose attribute names the columns mirror. A table made before lease ids existed gains the
+``lease_id`` column on first connection; its rows keep working, fenced on
+``in_progress_expiration`` alone.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from idem_middleware.exceptions import (
+    IdempotencyInvalidStatusError,
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
     IdempotencyPersistenceLayerError,
+    StoreNotAuthorisedError,
+    StoreNotFoundError,
+    StoreRecordUnreadableError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
@@ -38,6 +44,8 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes
 #: ``INSERT ... ON CONFLICT DO UPDATE`` (upsert) arrived in SQLite 3.24.0.
 _MIN_SQLITE = (3, 24, 0)
+#: How long a purge on the request path waits for the write lock before leaving it for later.
+_PURGE_BUSY_TIMEOUT_MS = 50
 
 
 class _Connection(sqlite3.Connection):
@@ -63,8 +71,12 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     the server forks its workers is safe to use in every worker. A connection that waits more
     than ``busy_timeout_seconds`` for the write lock fails with
     :class:`IdempotencyPersistenceLayerError`. Expired records are deleted every
-    ``purge_interval_seconds`` (at the next claim), so the file stays bounded by the records
-    that are still live.
+    ``purge_interval_seconds``, at most ``purge_batch_size`` of them by one claim (claims keep
+    purging a batch each until the backlog is gone), so the file stays bounded by the records
+    that are still live and no request pays for a large purge.
+
+    The layer never creates the file's directory: a path in a missing directory is a
+    :class:`StoreNotFoundError`, from :meth:`check` at startup and from every call.
 
     ``synchronous`` is SQLite's durability setting: ``"FULL"`` (default) keeps every completed
     record through a power cut; ``"NORMAL"`` is faster and may lose the last few on power loss
@@ -119,31 +131,35 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         self._next_purge = 0.0
 
         self._sql_claim = self._sql(
-            "INSERT INTO {t} (id, status, expiration, in_progress_expiration, data, validation) "
-            "VALUES (:id, :status, :expiration, :in_progress_expiration, NULL, :validation) "
+            "INSERT INTO {t} "
+            "(id, status, expiration, in_progress_expiration, data, validation, lease_id) "
+            "VALUES (:id, :status, :expiration, :in_progress_expiration, NULL, :validation, "
+            ":lease_id) "
             "ON CONFLICT(id) DO UPDATE SET "
             "status = excluded.status, expiration = excluded.expiration, "
             "in_progress_expiration = excluded.in_progress_expiration, "
-            "data = NULL, validation = excluded.validation "
+            "data = NULL, validation = excluded.validation, lease_id = excluded.lease_id "
             "WHERE {t}.expiration < :now OR ({t}.status = :inprogress "
             "AND {t}.in_progress_expiration IS NOT NULL AND {t}.in_progress_expiration < :now_ms)"
         )
         self._sql_select = self._sql(
-            "SELECT id, status, expiration, in_progress_expiration, data, validation "
+            "SELECT id, status, expiration, in_progress_expiration, data, validation, lease_id "
             "FROM {t} WHERE id = ?"
         )
         self._sql_complete = self._sql(
             "UPDATE {t} SET status = :status, expiration = :expiration, data = :data, "
             "validation = COALESCE(:validation, validation) "
-            "WHERE id = :id AND status = :inprogress AND in_progress_expiration = :lease"
+            "WHERE id = :id AND status = :inprogress AND in_progress_expiration = :lease "
+            "AND lease_id IS :lease_id"
         )
         self._sql_release = self._sql(
             "DELETE FROM {t} WHERE id = :id AND status = :inprogress "
-            "AND in_progress_expiration = :lease"
+            "AND in_progress_expiration = :lease AND lease_id IS :lease_id"
         )
         self._sql_remove = self._sql("DELETE FROM {t} WHERE id = ?")
+        # By rowid, through the expiration index: each batch is one short write transaction.
         self._sql_purge = self._sql(
-            "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE expiration < ? LIMIT ?)"
+            "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE expiration < ? LIMIT ?)"
         )
 
     def _sql(self, template: str) -> str:
@@ -161,6 +177,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             "expiration": data_record.expiry_timestamp,
             "in_progress_expiration": data_record.in_progress_expiry_timestamp,
             "validation": data_record.payload_hash,
+            "lease_id": data_record.lease_id,
             "now": int(now),
             "now_ms": int(now * 1000),
             "inprogress": STATUS_INPROGRESS,
@@ -186,7 +203,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         self._purge_if_due(now)
         if not claimed:
             raise IdempotencyItemAlreadyExistsError(
-                None if existing is None else _row_to_record(existing)
+                None if existing is None else self._row_to_record(existing)
             )
 
     def _get_record(self, idempotency_key: str) -> DataRecord:
@@ -194,7 +211,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             row = self._connection().execute(self._sql_select, (idempotency_key,)).fetchone()
         if row is None:
             raise IdempotencyItemNotFoundError(idempotency_key)
-        return _row_to_record(row)
+        return self._row_to_record(row)
 
     def _update_record(self, data_record: DataRecord) -> None:
         with self._store_errors("completion"):
@@ -208,6 +225,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
                     "validation": data_record.payload_hash,
                     "inprogress": STATUS_INPROGRESS,
                     "lease": data_record.in_progress_expiry_timestamp,
+                    "lease_id": data_record.lease_id,
                 },
             )
         if cursor.rowcount != 1:
@@ -221,6 +239,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
                     "id": data_record.idempotency_key,
                     "inprogress": STATUS_INPROGRESS,
                     "lease": data_record.in_progress_expiry_timestamp,
+                    "lease_id": data_record.lease_id,
                 },
             )
         if cursor.rowcount != 1:
@@ -231,39 +250,62 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             cursor = self._connection().execute(self._sql_remove, (idempotency_key,))
         return cursor.rowcount == 1
 
+    def check(self) -> None:
+        """Open the file (in a directory that must exist) and read the table, creating it in an
+        existing file's first use as every call does; raise a typed store error naming the path
+        otherwise.
+        """
+        with self._store_errors("check"):
+            self._missing_directory()
+            self._connection().execute(self._sql("SELECT 1 FROM {t} LIMIT 1")).fetchall()
+
     # Housekeeping -------------------------------------------------------------------------
 
-    def purge_expired(self, now: float | None = None) -> int:
-        """Delete every record past its expiry; returns how many were deleted.
+    def purge_expired(self, now: float | None = None, *, max_batches: int | None = None) -> int:
+        """Delete records past their expiry, in batches of ``purge_batch_size`` (every batch
+        when ``max_batches`` is ``None``); returns how many were deleted.
 
-        Runs in batches of ``purge_batch_size``, each its own short write transaction, so
-        claims from other workers interleave with a large purge instead of waiting for it.
+        Each batch is its own short write transaction, so claims from other workers interleave
+        with a large purge instead of waiting for it.
         """
         cutoff = int(self.clock() if now is None else now)
         deleted = 0
+        batches = 0
         with self._store_errors("purge"):
             connection = self._connection()
-            while True:
+            while max_batches is None or batches < max_batches:
                 count = connection.execute(
                     self._sql_purge, (cutoff, self.purge_batch_size)
                 ).rowcount
                 deleted += count
+                batches += 1
                 if count < self.purge_batch_size:
-                    return deleted
+                    break
+        return deleted
 
     def _purge_if_due(self, now: float) -> None:
+        """One batch on the request path, waiting only briefly for the write lock; while a
+        backlog remains, the next claim purges the next batch.
+        """
         if now < self._next_purge:
             return
         self._next_purge = now + self.purge_interval_seconds
+        connection = self._connection()
         try:
-            deleted = self.purge_expired(now)
-        except IdempotencyPersistenceLayerError:
-            # The claim itself succeeded; a purge that failed (e.g. the lock was busy for too
-            # long) is retried at the next interval.
+            connection.execute(f"PRAGMA busy_timeout = {_PURGE_BUSY_TIMEOUT_MS}")
+            try:
+                deleted = self.purge_expired(now, max_batches=1)
+            finally:
+                connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}")
+        except (IdempotencyPersistenceLayerError, sqlite3.Error):
+            # The claim itself succeeded; a purge that failed (the lock was busy) is retried at
+            # the next interval.
             logger.warning("purging expired idempotency records failed", exc_info=True)
-        else:
-            if deleted:
-                logger.debug("purged %d expired idempotency records", deleted)
+            return
+        if deleted >= self.purge_batch_size:
+            self._next_purge = now  # a backlog: the next claim takes the next batch
+        if deleted:
+            logger.debug("purged %d expired idempotency records", deleted)
 
     def close(self) -> None:
         """Close the connections this process opened, from any thread. Later calls reopen.
@@ -320,17 +362,30 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
                     "expiration INTEGER, "
                     "in_progress_expiration INTEGER, "
                     "data TEXT, "
-                    "validation TEXT)"
+                    "validation TEXT, "
+                    "lease_id TEXT)"
                 )
             )
             connection.execute(
                 self._sql("CREATE INDEX IF NOT EXISTS {t}_expiration ON {t} (expiration)")
             )
+            self._add_lease_id_column(connection)
         except BaseException:
             connection.close()
             raise
         assert isinstance(connection, _Connection)
         return connection
+
+    def _add_lease_id_column(self, connection: sqlite3.Connection) -> None:
+        """Give a table made before lease ids existed its ``lease_id`` column (rows keep NULL)."""
+        columns = connection.execute(self._sql("PRAGMA table_info({t})")).fetchall()
+        if any(column[1] == "lease_id" for column in columns):
+            return
+        try:
+            connection.execute(self._sql("ALTER TABLE {t} ADD COLUMN lease_id TEXT"))
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc).lower():  # another worker added it first
+                raise
 
     def _enable_wal(self, connection: sqlite3.Connection) -> Any:
         """Switch the file to WAL (a no-op once it is), waiting up to the busy timeout.
@@ -354,8 +409,36 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         try:
             yield
         except sqlite3.Error as exc:
-            raise IdempotencyPersistenceLayerError(
-                f"SQLite {operation} on {self.path!r} (table {self.table_name!r}) failed: {exc}"
+            self._missing_directory(exc)
+            message = f"SQLite {operation} on {self.path!r} (table {self.table_name!r}) failed"
+            text = str(exc).lower()
+            if "readonly" in text or "permission" in text or "access permission" in text:
+                raise StoreNotAuthorisedError(
+                    f"{message}: {exc}; this process needs write access to the file and its "
+                    "directory (SQLite writes a -wal and a -shm file beside it)"
+                ) from exc
+            if "no such table" in text:
+                raise StoreNotFoundError(
+                    f"{message}: {exc}; the table was dropped while in use, restart to recreate it"
+                ) from exc
+            raise IdempotencyPersistenceLayerError(f"{message}: {exc}") from exc
+
+    def _missing_directory(self, cause: sqlite3.Error | None = None) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise StoreNotFoundError(
+                f"SQLite idempotency store {self.path!r}: directory {directory!r} does not exist; "
+                "create it (the layer never creates directories) or fix the path"
+            ) from cause
+
+    def _row_to_record(self, row: tuple[Any, ...]) -> DataRecord:
+        try:
+            return _row_to_record(row)
+        except (TypeError, ValueError, IdempotencyInvalidStatusError) as exc:
+            # A record this version cannot read is a store fault (503), never a 500.
+            raise StoreRecordUnreadableError(
+                f"unreadable idempotency record in SQLite {self.path!r} "
+                f"(table {self.table_name!r}): {exc}"
             ) from exc
 
 
@@ -400,7 +483,7 @@ def _rollback(connection: sqlite3.Connection) -> None:
 
 
 def _row_to_record(row: tuple[Any, ...]) -> DataRecord:
-    key, status, expiration, in_progress, data, validation = row
+    key, status, expiration, in_progress, data, validation, lease_id = row
     if isinstance(data, bytes):
         data = data.decode("utf-8")
     return DataRecord(
@@ -410,4 +493,5 @@ def _row_to_record(row: tuple[Any, ...]) -> DataRecord:
         in_progress_expiry_timestamp=None if in_progress is None else int(in_progress),
         response_data=data,
         payload_hash=validation,
+        lease_id=lease_id,
     )

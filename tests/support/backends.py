@@ -10,6 +10,8 @@ start only when one of its tests runs, and each test gets an empty store. Adding
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -91,3 +93,72 @@ BACKENDS: tuple[Backend, ...] = (
 def backend_params() -> list[Any]:
     """``BACKENDS`` as pytest params, for ``@pytest.fixture(params=...)``."""
     return [backend.param() for backend in BACKENDS]
+
+
+# Records written straight into a store, as another version (or a corruption) left them ----------
+
+
+def write_raw_record(
+    layer: BasePersistenceLayer,
+    key: str,
+    *,
+    status: str,
+    expiration: int | str,
+    in_progress_expiration: int | None = None,
+    data: str | None = None,
+    validation: str | None = None,
+) -> None:
+    """Store a record under ``key`` bypassing the layer, without a ``lease_id`` (as versions
+    before lease ids wrote them). ``status`` need not be a known one and ``expiration`` may be
+    text, to write corrupt records; the in-memory store keeps objects, so it takes only what a
+    ``DataRecord`` can hold (any status, an int expiration).
+    """
+    from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
+    from idem_middleware.persistence.memory import InMemoryPersistenceLayer
+    from idem_middleware.persistence.record import STATUS_COMPLETED, DataRecord
+    from idem_middleware.persistence.redis import RedisPersistenceLayer
+    from idem_middleware.persistence.sqlite import SQLitePersistenceLayer
+
+    if isinstance(layer, InMemoryPersistenceLayer):
+        if not isinstance(expiration, int):
+            raise TypeError("the in-memory store holds int expirations only")
+        record = DataRecord(
+            key, STATUS_COMPLETED, expiration, in_progress_expiration, data, validation
+        )
+        record.status = status  # as a corrupted or newer record would have it
+        layer._records[key] = record
+    elif isinstance(layer, SQLitePersistenceLayer):
+        layer.check()  # creates the table, as the layer's first call would
+        with contextlib.closing(sqlite3.connect(layer.path)) as connection, connection:
+            connection.execute(
+                f"INSERT OR REPLACE INTO {layer.table_name} "
+                "(id, status, expiration, in_progress_expiration, data, validation) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, status, expiration, in_progress_expiration, data, validation),
+            )
+    elif isinstance(layer, RedisPersistenceLayer):
+        fields: dict[str, str | int] = {"status": status, "expiration": expiration}
+        if in_progress_expiration is not None:
+            fields["in_progress_expiration"] = in_progress_expiration
+        if data is not None:
+            fields["data"] = data
+        if validation is not None:
+            fields["validation"] = validation
+        redis_key = layer.redis_key(key)
+        layer.client.hset(redis_key, mapping=fields)
+        layer.client.expire(redis_key, 3600)
+    elif isinstance(layer, DynamoDBPersistenceLayer):
+        item: dict[str, Any] = dict(layer._key(key))
+        item[layer.status_attr] = {"S": status}
+        item[layer.expiry_attr] = (
+            {"N": str(expiration)} if isinstance(expiration, int) else {"S": expiration}
+        )
+        if in_progress_expiration is not None:
+            item[layer.in_progress_expiry_attr] = {"N": str(in_progress_expiration)}
+        if data is not None:
+            item[layer.data_attr] = {"S": data}
+        if validation is not None:
+            item[layer.validation_key_attr] = {"S": validation}
+        layer.client.put_item(TableName=layer.table_name, Item=item)
+    else:
+        raise TypeError(f"no raw writer for {type(layer).__name__}")
