@@ -30,7 +30,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from idem_middleware.exceptions import (
     IdempotencyInvalidStatusError,
@@ -148,14 +148,16 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         table = sql.Identifier(table_name) if schema is None else sql.Identifier(schema, table_name)
         self.qualified_name = table_name if schema is None else f"{schema}.{table_name}"
 
+        columns = sql.SQL(_COLUMNS)
+
         def render(template: str, **names: sql.Composable) -> bytes:
             # The table and index names are the only text put into SQL, validated above and
             # quoted as identifiers; every value is a bound parameter.
-            return sql.SQL(template).format(t=table, **names).as_bytes(None)
+            return sql.SQL(template).format(t=table, columns=columns, **names).as_bytes(None)
 
         self._sql_claim = render(
             "WITH claim AS ("
-            " INSERT INTO {t} AS r (" + _COLUMNS + ")"
+            " INSERT INTO {t} AS r ({columns})"
             " VALUES (%(id)s, %(status)s, %(expiration)s, %(lease)s, NULL, %(validation)s)"
             " ON CONFLICT (id) DO UPDATE SET"
             " status = EXCLUDED.status, expiration = EXCLUDED.expiration,"
@@ -165,13 +167,13 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             " AND r.in_progress_expiration < %(now_ms)s)"
             " RETURNING 1"
             "), existing AS ("
-            " SELECT " + _COLUMNS + " FROM {t}"
+            " SELECT {columns} FROM {t}"
             " WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM claim) FOR SHARE"
             ") "
             "SELECT EXISTS (SELECT 1 FROM claim), e.* "
             "FROM (VALUES (1)) AS one (x) LEFT JOIN existing AS e ON true"
         )
-        self._sql_select = render("SELECT " + _COLUMNS + " FROM {t} WHERE id = %s")
+        self._sql_select = render("SELECT {columns} FROM {t} WHERE id = %s")
         self._sql_complete = render(
             "UPDATE {t} SET status = %(status)s, expiration = %(expiration)s, data = %(data)s,"
             " validation = COALESCE(%(validation)s, validation)"
@@ -188,7 +190,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             " SELECT id FROM {t} WHERE expiration < %(cutoff)s"
             " LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
         )
-        self._sql_probe = render("SELECT " + _COLUMNS + " FROM {t} LIMIT 0")
+        self._sql_probe = render("SELECT {columns} FROM {t} LIMIT 0")
         self._sql_create = [
             render(
                 "CREATE TABLE IF NOT EXISTS {t} ("
@@ -283,31 +285,49 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         """Create the table and its expiry index unless they exist; safe to run concurrently
         from several processes (a transaction-level advisory lock serialises them).
         """
-        with self._store_errors("create_table"), self._connection() as connection:
-            with connection.transaction():
-                connection.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(%s))",
-                    (f"idem_middleware:{self.qualified_name}",),
-                )
-                for statement in self._sql_create:
-                    connection.execute(statement)
+        with (
+            self._store_errors("create_table"),
+            self._connection() as connection,
+            connection.transaction(),
+        ):
+            connection.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                (f"idem_middleware:{self.qualified_name}",),
+            )
+            for statement in self._sql_create:
+                connection.execute(statement)
 
     def check(self) -> None:
         """Raise :class:`IdempotencyPersistenceLayerError` unless the database answers and the
         table exists with the expected columns and the privileges the layer needs.
+
+        With ``conninfo`` it opens a short-lived connection of its own rather than waiting on the
+        pool, so an unreachable server fails at once and the message names the cause (refused,
+        authentication, unknown database) instead of a pool timeout.
         """
-        with self._store_errors("check"), self._connection() as connection:
+        with self._store_errors("check"), self._check_connection() as connection:
             connection.execute(self._sql_probe)
-            allowed = connection.execute(
-                "SELECT has_table_privilege(to_regclass(%s), 'SELECT, INSERT, UPDATE, DELETE')",
+            row = connection.execute(
+                "SELECT bool_and(has_table_privilege(to_regclass(%s), p))"
+                " FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p",
                 (self._regclass_name(),),
             ).fetchone()
-        # has_table_privilege is true when the role holds ANY of the listed privileges.
-        if allowed is None or not allowed[0]:
+        if row is None or not row[0]:
             raise IdempotencyPersistenceLayerError(
                 f"the PostgreSQL role on {self.location} may not use table "
-                f"{self.qualified_name}: GRANT SELECT, INSERT, UPDATE, DELETE on it"
+                f"{self.qualified_name}: GRANT SELECT, INSERT, UPDATE, DELETE ON it"
             )
+
+    def _check_connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        if self.conninfo is None:
+            return self._connection()
+        try:
+            return psycopg.connect(self.conninfo, **self._connect_kwargs())
+        except psycopg.OperationalError as exc:
+            raise IdempotencyPersistenceLayerError(
+                f"cannot connect to PostgreSQL {self.location}: {exc} "
+                "(check the conninfo's host, port, dbname and user, and that the server runs)"
+            ) from exc
 
     # Housekeeping -------------------------------------------------------------------------
 
@@ -380,13 +400,9 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                 return self._pool
             if self._pool is not None:
                 self._inherited.append(self._pool)
-            params = conninfo_to_dict(self.conninfo or "")
-            kwargs: dict[str, Any] = {"autocommit": True}
-            if "connect_timeout" not in params:
-                kwargs["connect_timeout"] = self.connect_timeout_seconds
             pool: ConnectionPool[Any] = ConnectionPool(
                 self.conninfo or "",
-                kwargs=kwargs,
+                kwargs=self._connect_kwargs(),
                 min_size=self.min_pool_size,
                 max_size=self.max_pool_size,
                 timeout=self.pool_timeout_seconds,
@@ -397,6 +413,13 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             pool.open(wait=False)
             self._pool, self._pool_pid = pool, pid
             return pool
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        # Autocommit: every statement is its own transaction, so no lock outlives it.
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in conninfo_to_dict(self.conninfo or ""):
+            kwargs["connect_timeout"] = self.connect_timeout_seconds
+        return kwargs
 
     def _configure_connection(self, connection: psycopg.Connection[Any]) -> None:
         if self.statement_timeout_seconds is not None:
@@ -418,6 +441,12 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             raise IdempotencyPersistenceLayerError(
                 f"table {self.qualified_name} in {self.location} is not an idempotency table "
                 f"(expected columns {_COLUMNS}): {exc}"
+            ) from exc
+        except PoolTimeout as exc:
+            raise IdempotencyPersistenceLayerError(
+                f"PostgreSQL {operation} on {self.location} failed: no pooled connection within "
+                f"the pool timeout (server down or unreachable, or every connection busy; "
+                f"check() names the cause): {exc}"
             ) from exc
         except psycopg.Error as exc:
             raise IdempotencyPersistenceLayerError(
