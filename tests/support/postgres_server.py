@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -121,9 +122,11 @@ def start_private() -> PostgresServer:
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed: {init.stderr.strip()}")
-        version = subprocess.run(
+        banner = subprocess.run(
             [initdb, "--version"], capture_output=True, text=True, check=False
-        ).stdout.split()[-1]
+        ).stdout
+        found = re.search(r"\d+(?:\.\d+)+", banner)
+        version = found.group(0) if found else "?"
         last_error = ""
         for _attempt in range(3):  # another process may take the free port before we bind it
             port = _free_port()
