@@ -631,3 +631,55 @@ def test_every_operation_on_a_missing_table_is_a_store_error_naming_the_fix(
     for operation in operations:
         with pytest.raises(IdempotencyPersistenceLayerError, match=r"create_table\(\)"):
             operation()
+
+
+# Over HTTP -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_a_retry_over_http_replays_the_stored_response_once_executed(
+    make_layer: MakeLayer, kind: str
+) -> None:
+    from tests.support.harness import Harness
+
+    schema_owner = make_layer()  # creates the table; the middleware configures its own layer
+    layer = PostgresPersistenceLayer(schema_owner.conninfo, table_name=schema_owner.table_name)
+    harness = Harness(kind, layer, IdempotencyConfig())
+    try:
+        headers = [("Idempotency-Key", f"order-{kind}")]
+        first = harness.request("POST", "/orders", headers=headers, json_body={"sku": "x"})
+        retry = harness.request("POST", "/orders", headers=headers, json_body={"sku": "x"})
+        reused = harness.request("POST", "/orders", headers=headers, json_body={"sku": "y"})
+    finally:
+        layer.close()
+
+    assert first.status == 201
+    assert not first.replayed
+    assert retry.status == 201
+    assert retry.replayed
+    assert retry.body == first.body
+    assert harness.calls["orders"] == 1
+    assert reused.status == 422
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_an_unreachable_database_is_a_503_over_http_and_the_handler_does_not_run(
+    kind: str,
+) -> None:
+    from tests.support.harness import Harness
+
+    layer = PostgresPersistenceLayer(
+        f"host=127.0.0.1 port={closed_port()} user=postgres dbname=shop", pool_timeout_seconds=0.3
+    )
+    harness = Harness(kind, layer, IdempotencyConfig())
+    try:
+        reply = harness.request(
+            "POST", "/orders", headers=[("Idempotency-Key", "k")], json_body={"sku": "x"}
+        )
+    finally:
+        layer.close()
+
+    assert reply.status == 503
+    assert reply.json()["code"] == "idempotency_store_unavailable"
+    assert reply.header("retry-after") is not None
+    assert harness.calls["orders"] == 0

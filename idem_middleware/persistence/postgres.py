@@ -66,6 +66,13 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
     you own and open (``psycopg_pool.ConnectionPool`` or anything with a ``connection()`` context
     manager lending ``psycopg.Connection`` objects); the layer never closes it.
 
+    The layer's own connections are in autocommit mode, so every statement is its own
+    transaction and no row lock outlives it; a supplied pool's connections should be too (or
+    READ COMMITTED, each ``connection()`` block committing at its end). ``pool_timeout_seconds``
+    bounds the wait for a pooled connection and ``statement_timeout_seconds`` every statement on
+    the layer's own connections, so an unreachable or stuck database answers a request with a
+    503 within seconds.
+
     The table is created by :meth:`create_table` (once, at deploy time or startup), not on a
     request. Expired records are deleted by a background thread every ``purge_interval_seconds``,
     ``purge_batch_size`` rows per statement; :meth:`purge_expired` runs the same purge on demand.
@@ -375,11 +382,12 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
 
     def close(self) -> None:
         """Close the pool this layer opened (never a supplied one); later calls reopen it."""
+        purge = self._purge_thread
+        if purge is not None:
+            # First, so that a purge between two batches cannot open a new pool.
+            purge.join(timeout=self.pool_timeout_seconds + 1)
         with self._pool_lock:
             pool, self._pool = self._pool, None
-            purge = self._purge_thread
-        if purge is not None:
-            purge.join(timeout=self.pool_timeout_seconds + 1)
         if pool is not None and self._pool_pid == os.getpid():
             pool.close()
 
