@@ -300,11 +300,7 @@ def test_purge_skips_a_row_a_claim_holds_instead_of_waiting(
     layer.save_inprogress(layer.build_idempotency_key("header:free"), HASH)
     clock.advance(3601)
 
-    with psycopg.connect(postgres_conninfo) as other, other.transaction():
-        other.execute(
-            sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(sql.Identifier(table)),
-            (held,),
-        )
+    with row_locked(postgres_conninfo, table, held):
         started = time.monotonic()
         assert layer.purge_expired() == 1
         assert time.monotonic() - started < 2
@@ -314,19 +310,48 @@ def test_purge_skips_a_row_a_claim_holds_instead_of_waiting(
 # Faults --------------------------------------------------------------------------------------
 
 
-def test_a_claim_blocked_past_the_statement_timeout_is_a_store_error(
+@contextmanager
+def row_locked(conninfo: str, table: str, key: str) -> Iterator[None]:
+    """Another session holds the record's row lock (a claim or purge in the middle of it)."""
+    with psycopg.connect(conninfo) as other, other.transaction():
+        other.execute(
+            sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(sql.Identifier(table)),
+            (key,),
+        )
+        yield
+
+
+def test_a_collision_with_a_live_record_reads_it_without_waiting_for_its_row_lock(
+    make_layer: MakeLayer, postgres_conninfo: str, table: str
+) -> None:
+    """Replays and conflicts take no row lock: they neither queue behind a writer nor make a
+    transaction whose commit must be flushed.
+    """
+    layer = make_layer(statement_timeout_seconds=1)
+    key = layer.build_idempotency_key("header:live")
+    lease = layer.save_inprogress(key, HASH)
+
+    with row_locked(postgres_conninfo, table, key):
+        started = time.monotonic()
+        with pytest.raises(IdempotencyItemAlreadyExistsError) as info:
+            layer.save_inprogress(key, HASH)
+        assert time.monotonic() - started < 0.5
+    assert info.value.old_data_record is not None
+    assert info.value.old_data_record.in_progress_expiry_timestamp == (
+        lease.in_progress_expiry_timestamp
+    )
+
+
+def test_a_takeover_blocked_past_the_statement_timeout_is_a_store_error(
     make_layer: MakeLayer, postgres_conninfo: str, table: str
 ) -> None:
     clock = FakeClock()
     layer = make_layer(clock=clock, statement_timeout_seconds=0.2)
     key = layer.build_idempotency_key("header:locked")
     layer.save_inprogress(key, HASH)
+    clock.advance(61)  # the lease has run out: the next claim must lock the row to take it over
 
-    with psycopg.connect(postgres_conninfo) as other, other.transaction():
-        other.execute(
-            sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(sql.Identifier(table)),
-            (key,),
-        )
+    with row_locked(postgres_conninfo, table, key):
         started = time.monotonic()
         with pytest.raises(IdempotencyPersistenceLayerError, match="statement timeout"):
             layer.save_inprogress(key, HASH)

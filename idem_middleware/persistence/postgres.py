@@ -1,12 +1,14 @@
 """PostgresPersistenceLayer: records in one PostgreSQL table, through psycopg 3 and its pool.
 
-The claim is one statement: ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE <the existing
-record is dead>``, with a second CTE that reads the record the insert collided with, so a loser
-learns who beat it in the same round trip. ``ON CONFLICT DO UPDATE`` locks the conflicting row
-even when its ``WHERE`` rejects the update, and that CTE reads it ``FOR SHARE``, so what comes back
-is the very version the claim was judged against. One race remains: a row committed after the
-statement's snapshot was taken is seen by the conflict check but not by any read in the same
-statement, and the statement then returns neither a claim nor a record; it is simply run again,
+The claim is one statement of three CTEs. The first reads the key's record: when a live one is
+visible, it is the answer, with no write and no row lock, so a replay or a conflict is a
+read-only transaction (nothing to flush at commit, nothing to queue behind). Otherwise
+``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE <the existing record is dead>`` creates the
+record or takes a dead one over; when the conflict update is refused (a live record committed
+meanwhile), ``ON CONFLICT`` has locked that row, and the third CTE reads it ``FOR SHARE``: the
+very version the claim was judged against, in the same round trip. One race remains: a row
+committed after the statement's snapshot was taken is seen by the conflict check but by no read
+in the same statement, which then returns neither a claim nor a record; it is simply run again,
 with a snapshot that sees the row (or its absence).
 
 Completion and release are fenced on the lease token (``in_progress_expiration``), as in the
@@ -156,29 +158,44 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         self.qualified_name = table_name if schema is None else f"{schema}.{table_name}"
 
         columns = sql.SQL(_COLUMNS)
+        # Whether the record aliased ``r`` no longer blocks a claim (see DataRecord.blocks_claim).
+        dead = sql.SQL(
+            "(r.expiration < %(now)s"
+            " OR (r.status = %(inprogress)s AND r.in_progress_expiration < %(now_ms)s))"
+        )
 
         def render(template: str, **names: sql.Composable) -> bytes:
             # The table and index names are the only text put into SQL, validated above and
             # quoted as identifiers; every value is a bound parameter.
-            return sql.SQL(template).format(t=table, columns=columns, **names).as_bytes(None)
+            return (
+                sql.SQL(template)
+                .format(t=table, columns=columns, dead=dead, **names)
+                .as_bytes(None)
+            )
 
         self._sql_claim = render(
-            "WITH claim AS ("
+            # A live record visible at once is answered from the read alone: no row lock, so a
+            # replay or a conflict is a read-only transaction with no commit to flush.
+            "WITH live AS ("
+            " SELECT {columns} FROM {t} AS r WHERE r.id = %(id)s AND {dead} IS NOT TRUE"
+            "), claim AS ("
             " INSERT INTO {t} AS r ({columns})"
-            " VALUES (%(id)s, %(status)s, %(expiration)s, %(lease)s, NULL, %(validation)s)"
+            " SELECT %(id)s, %(status)s, %(expiration)s, %(lease)s, NULL, %(validation)s"
+            " WHERE NOT EXISTS (SELECT 1 FROM live)"
             " ON CONFLICT (id) DO UPDATE SET"
             " status = EXCLUDED.status, expiration = EXCLUDED.expiration,"
             " in_progress_expiration = EXCLUDED.in_progress_expiration, data = NULL,"
             " validation = EXCLUDED.validation"
-            " WHERE r.expiration < %(now)s OR (r.status = %(inprogress)s"
-            " AND r.in_progress_expiration < %(now_ms)s)"
+            " WHERE {dead}"
             " RETURNING 1"
             "), existing AS ("
+            # The row the conflict check locked: FOR SHARE reads its latest version.
             " SELECT {columns} FROM {t}"
-            " WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM claim) FOR SHARE"
+            " WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM live)"
+            " AND NOT EXISTS (SELECT 1 FROM claim) FOR SHARE"
             ") "
-            "SELECT EXISTS (SELECT 1 FROM claim), e.* "
-            "FROM (VALUES (1)) AS one (x) LEFT JOIN existing AS e ON true"
+            "SELECT EXISTS (SELECT 1 FROM claim), found.* FROM (VALUES (1)) AS one (x) "
+            "LEFT JOIN (SELECT * FROM live UNION ALL SELECT * FROM existing) AS found ON true"
         )
         self._sql_select = render("SELECT {columns} FROM {t} WHERE id = %s")
         self._sql_complete = render(
