@@ -158,6 +158,24 @@ def test_a_claim_and_a_collision_are_one_statement_each(
         assert not pool.closed, "a caller-supplied pool is the caller's to close"
 
 
+def test_a_supplied_pool_without_autocommit_commits_every_operation(
+    make_layer: MakeLayer, postgres_conninfo: str, admin: psycopg.Connection[Any], table: str
+) -> None:
+    with ConnectionPool(postgres_conninfo, min_size=1, max_size=2, open=True) as pool:
+        layer = make_layer(pool=pool)
+        key = layer.build_idempotency_key("header:transactional")
+        lease = layer.save_inprogress(key, HASH)
+        status = sql.SQL("SELECT status FROM {} WHERE id = %s").format(sql.Identifier(table))
+        assert admin.execute(status, (key,)).fetchone() == (STATUS_INPROGRESS,)
+
+        layer.save_success(lease, RESPONSE)
+
+        assert admin.execute(status, (key,)).fetchone() == (STATUS_COMPLETED,)
+        with pytest.raises(IdempotencyItemAlreadyExistsError):
+            layer.save_inprogress(key, HASH)
+        layer.check()
+
+
 def _race(layer: PostgresPersistenceLayer, key: str, threads: int) -> tuple[list[str], list[Any]]:
     barrier = threading.Barrier(threads)
     winners: list[str] = []
