@@ -82,11 +82,26 @@ def _redis(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     return RedisPersistenceLayer(request.getfixturevalue("redis_url"), key_namespace=namespace)
 
 
+def _postgres(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from idem_middleware.persistence.postgres import PostgresPersistenceLayer
+
+    # One database for the session; a table per test keeps each test's store empty.
+    layer = PostgresPersistenceLayer(
+        request.getfixturevalue("postgres_conninfo"),
+        table_name=f"idem_{uuid.uuid4().hex[:12]}",
+        max_pool_size=16,
+    )
+    layer.create_table()
+    request.addfinalizer(layer.close)
+    return layer
+
+
 BACKENDS: tuple[Backend, ...] = (
     Backend("memory", _memory),
     Backend("dynamodb", _dynamodb, marks=(pytest.mark.dynamodb,)),
     Backend("sqlite", _sqlite),
     Backend("redis", _redis, marks=(pytest.mark.redis,)),
+    Backend("postgres", _postgres, marks=(pytest.mark.postgres,)),
 )
 
 
