@@ -40,6 +40,10 @@ from idem_middleware.exceptions import (
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
     IdempotencyPersistenceLayerError,
+    StoreNotAuthorisedError,
+    StoreNotFoundError,
+    StoreRecordUnreadableError,
+    StoreUnreachableError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
@@ -47,7 +51,7 @@ from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 logger = logging.getLogger(__name__)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_COLUMNS = "id, status, expiration, in_progress_expiration, data, validation"
+_COLUMNS = "id, status, expiration, in_progress_expiration, data, validation, lease_id"
 #: A claim that finds neither a claim nor a record has met a row committed after its snapshot;
 #: each rerun sees everything committed before it starts, so more than a few means a fault.
 _CLAIM_ATTEMPTS = 10
@@ -180,12 +184,13 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             " SELECT {columns} FROM {t} AS r WHERE r.id = %(id)s AND {dead} IS NOT TRUE"
             "), claim AS ("
             " INSERT INTO {t} AS r ({columns})"
-            " SELECT %(id)s, %(status)s, %(expiration)s, %(lease)s, NULL, %(validation)s"
+            " SELECT %(id)s, %(status)s, %(expiration)s, %(lease)s, NULL, %(validation)s,"
+            " %(lease_id)s"
             " WHERE NOT EXISTS (SELECT 1 FROM live)"
             " ON CONFLICT (id) DO UPDATE SET"
             " status = EXCLUDED.status, expiration = EXCLUDED.expiration,"
             " in_progress_expiration = EXCLUDED.in_progress_expiration, data = NULL,"
-            " validation = EXCLUDED.validation"
+            " validation = EXCLUDED.validation, lease_id = EXCLUDED.lease_id"
             " WHERE {dead}"
             " RETURNING 1"
             "), existing AS ("
@@ -202,10 +207,12 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             "UPDATE {t} SET status = %(status)s, expiration = %(expiration)s, data = %(data)s,"
             " validation = COALESCE(%(validation)s, validation)"
             " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
+            " AND lease_id IS NOT DISTINCT FROM %(lease_id)s"
         )
         self._sql_release = render(
             "DELETE FROM {t}"
             " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
+            " AND lease_id IS NOT DISTINCT FROM %(lease_id)s"
         )
         self._sql_remove = render("DELETE FROM {t} WHERE id = %s")
         # SKIP LOCKED: rows a claim is taking over are left to it; the purge never waits.
@@ -223,7 +230,8 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                 "expiration BIGINT, "
                 "in_progress_expiration BIGINT, "
                 "data TEXT, "
-                "validation TEXT)"
+                "validation TEXT, "
+                "lease_id TEXT)"
             ),
             render(
                 "CREATE INDEX IF NOT EXISTS {index} ON {t} (expiration)",
@@ -240,6 +248,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             "status": data_record.status,
             "expiration": data_record.expiry_timestamp,
             "lease": data_record.in_progress_expiry_timestamp,
+            "lease_id": data_record.lease_id,
             "validation": data_record.payload_hash,
             "now": int(now),
             "now_ms": int(now * 1000),
@@ -280,6 +289,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                     "validation": data_record.payload_hash,
                     "inprogress": STATUS_INPROGRESS,
                     "lease": data_record.in_progress_expiry_timestamp,
+                    "lease_id": data_record.lease_id,
                 },
             ).rowcount
         if updated != 1:
@@ -293,6 +303,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                     "id": data_record.idempotency_key,
                     "inprogress": STATUS_INPROGRESS,
                     "lease": data_record.in_progress_expiry_timestamp,
+                    "lease_id": data_record.lease_id,
                 },
             ).rowcount
         if deleted != 1:
@@ -458,7 +469,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         try:
             yield
         except pg_errors.UndefinedTable as exc:
-            raise IdempotencyPersistenceLayerError(
+            raise StoreNotFoundError(
                 f"table {self.qualified_name} does not exist in {self.location}: "
                 "run PostgresPersistenceLayer.create_table() once"
             ) from exc
@@ -467,13 +478,26 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                 f"table {self.qualified_name} in {self.location} is not an idempotency table "
                 f"(expected columns {_COLUMNS}): {exc}"
             ) from exc
+        except (
+            pg_errors.InsufficientPrivilege,
+            pg_errors.InvalidAuthorizationSpecification,
+        ) as exc:
+            raise StoreNotAuthorisedError(
+                f"PostgreSQL {operation} on {self.location} (table {self.qualified_name}) was "
+                f"refused: grant the role SELECT, INSERT, UPDATE and DELETE on it: {exc}"
+            ) from exc
         except PoolTimeout as exc:
-            raise IdempotencyPersistenceLayerError(
+            raise StoreUnreachableError(
                 f"PostgreSQL {operation} on {self.location} failed: no pooled connection within "
                 f"the pool timeout (server down or unreachable, or every connection busy; "
                 f"check() names the cause): {exc}"
             ) from exc
         except psycopg.Error as exc:
+            if _is_connection_failure(exc):
+                raise StoreUnreachableError(
+                    f"PostgreSQL {operation} on {self.location} failed to connect or lost its "
+                    f"connection: {exc}"
+                ) from exc
             raise IdempotencyPersistenceLayerError(
                 f"PostgreSQL {operation} on {self.location} "
                 f"(table {self.qualified_name}) failed: {exc}"
@@ -486,7 +510,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         return f"{sql.Identifier(self.schema).as_string(None)}.{quoted}"
 
     def _to_record(self, row: tuple[Any, ...]) -> DataRecord:
-        key, status, expiration, in_progress, data, validation = row
+        key, status, expiration, in_progress, data, validation, lease_id = row
         try:
             return DataRecord(
                 idempotency_key=key,
@@ -495,11 +519,19 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                 in_progress_expiry_timestamp=None if in_progress is None else int(in_progress),
                 response_data=data,
                 payload_hash=validation,
+                lease_id=lease_id,
             )
-        except IdempotencyInvalidStatusError as exc:
-            raise IdempotencyPersistenceLayerError(
+        except (IdempotencyInvalidStatusError, TypeError, ValueError) as exc:
+            raise StoreRecordUnreadableError(
                 f"the record {key!r} in table {self.qualified_name} is unreadable: {exc}"
             ) from exc
+
+
+def _is_connection_failure(exc: psycopg.Error) -> bool:
+    # Client-side connection errors carry no SQLSTATE; the server's are class 08.
+    return isinstance(exc, psycopg.OperationalError) and (
+        exc.sqlstate is None or exc.sqlstate.startswith("08")
+    )
 
 
 def _describe(params: Mapping[str, Any]) -> str:

@@ -175,5 +175,18 @@ def write_raw_record(
         if validation is not None:
             item[layer.validation_key_attr] = {"S": validation}
         layer.client.put_item(TableName=layer.table_name, Item=item)
+    elif type(layer).__name__ == "PostgresPersistenceLayer":  # psycopg is an optional extra
+        if not isinstance(expiration, int):
+            raise TypeError("PostgreSQL's expiration column is BIGINT: it holds numbers only")
+        with layer._connection() as connection:
+            connection.execute(
+                f"INSERT INTO {layer.qualified_name} "
+                "(id, status, expiration, in_progress_expiration, data, validation) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "status = EXCLUDED.status, expiration = EXCLUDED.expiration, "
+                "in_progress_expiration = EXCLUDED.in_progress_expiration, "
+                "data = EXCLUDED.data, validation = EXCLUDED.validation, lease_id = NULL",
+                (key, status, expiration, in_progress_expiration, data, validation),
+            )
     else:
         raise TypeError(f"no raw writer for {type(layer).__name__}")
