@@ -18,6 +18,7 @@ the server's startup with a message naming the problem.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -38,6 +39,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("idem_middleware")
 
 # Server extensions that let an app send a response we could not capture (a file path, trailers).
 _UNCAPTURABLE_EXTENSIONS = (
@@ -95,29 +98,15 @@ class IdempotencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                send = self._checking_startup(send)
-            await self.app(scope, receive, send)
+                await LifespanCheck(self, receive, send).run(scope)
+            else:
+                await self.app(scope, receive, send)
             return
         path = route_path(scope)
         if not self.engine.covers(scope["method"], path):
             await self.app(scope, receive, send)
             return
         await IdempotentExchange(self, scope, receive, send, path).run()
-
-    def _checking_startup(self, send: Send) -> Send:
-        """The lifespan ``send``: once the app's own startup is complete (it may create the
-        table), check the store, and fail the startup when it cannot be used, rather than
-        answer every request with 503.
-        """
-
-        async def checked_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete":
-                problem = await self.store_problem()
-                if problem is not None:
-                    message = {"type": "lifespan.startup.failed", "message": problem}
-            await send(message)
-
-        return checked_send
 
     async def store_problem(self) -> str | None:
         """Why the persistence layer cannot serve requests, or ``None`` when it can."""
@@ -130,6 +119,52 @@ class IdempotencyMiddleware:
         except Exception as exc:  # any failure, not only the documented one, fails startup
             return f"idempotency store unusable ({type(layer).__name__}): {exc}"
         return None
+
+
+class LifespanCheck:
+    """The app's lifespan, with the store checked once the app's own startup is complete (it
+    may have created the table). A store that cannot be used fails the server's startup with a
+    message naming the problem, rather than every request answering 503; the app is shut down
+    first, so it releases what its startup acquired. Under ``on_store_error="passthrough"`` the
+    app is meant to run without its store: the problem is logged and startup goes on.
+    """
+
+    def __init__(self, middleware: IdempotencyMiddleware, receive: Receive, send: Send) -> None:
+        self.middleware = middleware
+        self.server_receive = receive
+        self.server_send = send
+        self.problem: str | None = None
+        self.reported = False
+
+    async def run(self, scope: Scope) -> None:
+        await self.middleware.app(scope, self.receive, self.send)
+        if self.problem is not None and not self.reported:  # the app ended without shutting down
+            await self.report()
+
+    async def receive(self) -> Message:
+        if self.problem is not None:
+            return {"type": "lifespan.shutdown"}
+        return await self.server_receive()
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            problem = await self.middleware.store_problem()
+            if problem is not None:
+                if self.middleware.engine.config.on_store_error == "passthrough":
+                    logger.warning("%s; requests run un-deduplicated until it is fixed", problem)
+                else:
+                    self.problem = problem
+                    return  # the app shuts down first (its next receive), then the server hears
+        elif self.problem is not None and kind.startswith("lifespan.shutdown."):
+            await self.report()
+            return
+        await self.server_send(message)
+
+    async def report(self) -> None:
+        self.reported = True
+        assert self.problem is not None
+        await self.server_send({"type": "lifespan.startup.failed", "message": self.problem})
 
 
 def route_path(scope: Scope) -> str:
@@ -177,7 +212,7 @@ class IdempotentExchange:
         self.sending = False  # the start message went out: the body streams
         self.passing = False  # a status that is not stored: released, messages pass untouched
         self.finished = False  # completed or released: nothing more to do with the key
-        self.client_gone = False
+        self.send_failed = False  # the server could not send to the client: it went away
 
     async def run(self) -> None:
         headers = Headers.from_asgi(self.scope["headers"])
@@ -244,10 +279,7 @@ class IdempotentExchange:
         if not self.body_delivered:
             self.body_delivered = True
             return {"type": "http.request", "body": self.body, "more_body": False}
-        message = await self.receive()
-        if message["type"] == "http.disconnect":
-            self.client_gone = True
-        return message
+        return await self.receive()
 
     async def run_app(self, attempt: Proceed) -> None:
         self.attempt = attempt
@@ -265,8 +297,9 @@ class IdempotentExchange:
         except BaseException:
             if not self.finished:
                 with anyio.CancelScope(shield=True):
-                    # A failed send to a client that went away is no failure of the app.
-                    await self.unfinished(attempt, cut_short=self.client_gone)
+                    # An app that raises releases, unless what it raised came from a send to a
+                    # client that went away (ASGI 2.4; Starlette raises ClientDisconnect).
+                    await self.unfinished(attempt, cut_short=self.send_failed)
             raise
         if not self.finished:
             # The app returned mid-response: a client that went away stopped it (Starlette's
@@ -308,28 +341,25 @@ class IdempotentExchange:
             return
         chunk = message.get("body", b"")
         if not message.get("more_body", False):
-            if not self.sending and not self.size:
-                await self.complete_whole(message, chunk)  # one message, as most responses
-            else:
+            if self.sending or self.size:
                 await self.complete_stream(chunk)
+                return
+            # The whole body in one message, as most responses come: inline, it is the hot path.
+            assert self.start_message is not None
+            over_limit = len(chunk) > self.engine.max_stored_response_bytes
+            response = self.captured_response(b"" if over_limit else chunk, body_omitted=over_limit)
+            self.finished = True
+            await self.finish_call(self.engine.complete, self.attempt, response)
+            await self.send(self.start_message)
+            await self.send(message)
             return
-        if not self.sending and self.declared_length is None:
+        if not self.sending and not self.size:  # the first chunk of a stream
             self.declared_length = _declared_length(self.start_message)
         self.account(chunk)
         if self.held or (self.declared_length is not None and self.size >= self.declared_length):
             self.held.append(chunk)  # the client would hold the whole response: not yet
             return
         await self.forward(message)
-
-    async def complete_whole(self, message: Message, body: bytes) -> None:
-        assert self.attempt is not None
-        assert self.start_message is not None
-        over_limit = len(body) > self.engine.max_stored_response_bytes
-        response = self.captured_response(b"" if over_limit else body, body_omitted=over_limit)
-        self.finished = True
-        await self.finish_call(self.engine.complete, self.attempt, response)
-        await self.send(self.start_message)
-        await self.send(message)
 
     async def complete_stream(self, chunk: bytes) -> None:
         assert self.attempt is not None
@@ -361,7 +391,7 @@ class IdempotentExchange:
                 await self.send(self.start_message)
             await self.send(message)
         except OSError:  # ASGI 2.4: the client went away
-            self.client_gone = True
+            self.send_failed = True
             raise
 
     def captured_response(self, body: bytes, *, body_omitted: bool = False) -> StoredResponse:

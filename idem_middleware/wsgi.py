@@ -180,7 +180,10 @@ class WSGIExchange:
             if self.status_line is None:
                 raise RuntimeError("the WSGI application returned without calling start_response")
         except BaseException:
-            self.fail()
+            try:
+                self.close_app()
+            finally:
+                self.fail()
             raise
         self.complete()
         if self.server_write is None:

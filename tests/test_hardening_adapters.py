@@ -491,11 +491,43 @@ async def test_asgi_startup_fails_when_the_store_check_fails() -> None:
     middleware = IdempotencyMiddleware(lifespan_app(events), persistence_layer=layer)
     server = LifespanServer()
     await server.run(middleware)
-    assert events == ["app startup"]  # the app's own startup ran first
+    # The app's own startup ran first, and it was shut down before the server heard.
+    assert events == ["app startup", "app shutdown"]
     assert [m["type"] for m in server.sent] == ["lifespan.startup.failed"]
     assert "table 'idempotency' does not exist" in server.sent[0]["message"]
     assert layer.check_threads
     assert threading.get_ident() not in layer.check_threads
+
+
+@pytest.mark.anyio
+async def test_asgi_startup_goes_on_under_passthrough_and_logs_the_problem(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events: list[str] = []
+    middleware = IdempotencyMiddleware(
+        lifespan_app(events),
+        persistence_layer=BrokenStoreLayer(),
+        config=IdempotencyConfig(on_store_error="passthrough"),
+    )
+    server = LifespanServer()
+    with caplog.at_level("WARNING", logger="idem_middleware"):
+        await server.run(middleware)
+    assert [m["type"] for m in server.sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert "table 'idempotency' does not exist" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_asgi_app_that_ends_its_lifespan_without_shutting_down_still_fails_startup() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+
+    server = LifespanServer()
+    await server.run(IdempotencyMiddleware(app, persistence_layer=BrokenStoreLayer()))
+    assert [m["type"] for m in server.sent] == ["lifespan.startup.failed"]
 
 
 @pytest.mark.anyio
@@ -544,5 +576,72 @@ def test_uvicorn_refuses_to_start_on_a_store_it_cannot_use(tmp_path: Path) -> No
             extra_args=["--factory"],
         )
     assert "exited" in failed.value.summary
-    assert "idempotency store" in failed.value.log
+    assert "idempotency store unusable" in failed.value.log
     assert "no-such-directory" in failed.value.log
+    assert "Traceback" not in failed.value.log  # the app was shut down, nothing left hanging
+
+
+# 4. A client that goes away never causes a second execution -----------------------------------
+
+
+def started_then_stopped_app(calls: list[int], *, how: str) -> Any:
+    """An app that starts a stored response, then stops short: it returns when ``receive`` says
+    the client went away (as Starlette's StreamingResponse does), or raises.
+    """
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls.append(1)
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"x-id", b"1")]})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        message = await receive()
+        assert message["type"] == "http.disconnect"
+        if how == "raises":
+            raise RuntimeError("handler failed after the client went away? still a failure")
+
+    return app
+
+
+async def drive(middleware: IdempotencyMiddleware) -> list[Message]:
+    incoming: list[Message] = [{"type": "http.request", "body": b"{}"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware(asgi_scope(b"k-gone"), receive, send)
+    return sent
+
+
+@pytest.mark.anyio
+async def test_asgi_app_that_stops_when_the_client_goes_away_keeps_the_key() -> None:
+    """Fails before the fix: the app returned without finishing its response, the middleware
+    released the key, and the client's retry ran the handler a second time.
+    """
+    calls: list[int] = []
+    layer = InMemoryPersistenceLayer()
+    middleware = IdempotencyMiddleware(
+        started_then_stopped_app(calls, how="returns"), persistence_layer=layer
+    )
+    await drive(middleware)
+    retry = await drive(middleware)
+    assert calls == [1]
+    assert retry[0]["status"] == 201
+    assert (b"x-id", b"1") in retry[0]["headers"]
+    assert (b"idempotent-body-omitted", b"true") in retry[0]["headers"]
+    assert retry[1]["body"] == b""
+
+
+@pytest.mark.anyio
+async def test_asgi_app_that_raises_mid_response_still_releases_the_key() -> None:
+    calls: list[int] = []
+    layer = InMemoryPersistenceLayer()
+    middleware = IdempotencyMiddleware(
+        started_then_stopped_app(calls, how="raises"), persistence_layer=layer
+    )
+    with pytest.raises(RuntimeError):
+        await drive(middleware)
+    assert layer._records == {}

@@ -385,3 +385,17 @@ def test_a_status_without_a_known_phrase_is_replayed() -> None:
     replay = Server()
     assert replay.call(wrapped, environ()) == b"custom"
     assert replay.status == "299 Custom"  # the app's reason phrase, as it wrote it
+
+
+def test_exception_on_the_first_chunk_closes_releases_and_propagates() -> None:
+    layer = InMemoryPersistenceLayer()
+    iterable = ClosingIterable([b"a", b"b"], fail_at=0)
+
+    def app(env: dict[str, Any], start_response: Any) -> ClosingIterable:
+        start_response("200 OK", [])
+        return iterable
+
+    with pytest.raises(RuntimeError, match="iteration failed"):
+        Server().call(middleware(app, layer=layer), environ())
+    assert iterable.closed
+    assert layer._records == {}
