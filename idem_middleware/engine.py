@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -154,6 +155,26 @@ class IdempotencyEngine:
         if self._include is not None and not self._include.fullmatch(path):
             return False
         return not (self._exclude is not None and self._exclude.fullmatch(path))
+
+    def decide_before_body(
+        self, method: str, path: str, headers: Mapping[str, str]
+    ) -> PassThrough | Respond | None:
+        """The decision on a covered request that its headers alone settle, or ``None`` when
+        its body must be read. With header keys, a request without the header passes through
+        unbuffered (or is refused under ``require_key``): an upload without a key is none of
+        the middleware's business, whatever its size.
+        """
+        if self.config.key_source != "header" or self.config.header_name in headers:
+            return None
+        if self.config.require_key:
+            return self._refuse(
+                method,
+                path,
+                IdempotencyKeyMissingError(
+                    f"this endpoint requires an {self.config.header_name} header"
+                ),
+            )
+        return PASS_THROUGH
 
     def body_too_large(self, method: str, path: str) -> Respond:
         """The 413 answer to a body over ``max_request_body_bytes``; the app does not run."""
@@ -311,11 +332,17 @@ class IdempotencyEngine:
         excluded = self._excluded_headers
         headers = [header for header in response.headers if header[0].lower() not in excluded]
         if len(response.body) > self.max_stored_response_bytes:
-            return StoredResponse(response.status, tuple(headers), b"", body_omitted=True)
+            return StoredResponse(
+                response.status, tuple(headers), b"", body_omitted=True, reason=response.reason
+            )
         if len(headers) == len(response.headers):
             return response  # immutable, and already what is to be stored
         return StoredResponse(
-            response.status, tuple(headers), response.body, body_omitted=response.body_omitted
+            response.status,
+            tuple(headers),
+            response.body,
+            body_omitted=response.body_omitted,
+            reason=response.reason,
         )
 
     def release(self, attempt: Proceed, status: int | None = None) -> None:

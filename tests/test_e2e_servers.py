@@ -15,7 +15,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,13 @@ class Deployment:
     workers: int = 1
     threads: int = 1
 
-    def start(self, env: Mapping[str, str], log_dir: Path) -> Server:
+    def start(
+        self, env: Mapping[str, str], log_dir: Path, *, uvicorn_args: Sequence[str] = ()
+    ) -> Server:
         if self.server == "uvicorn":
-            return start_uvicorn(self.app, env=env, log_dir=log_dir, workers=self.workers)
+            return start_uvicorn(
+                self.app, env=env, log_dir=log_dir, workers=self.workers, extra_args=uvicorn_args
+            )
         return start_gunicorn(
             self.app, env=env, log_dir=log_dir, workers=self.workers, threads=self.threads
         )
@@ -240,7 +244,9 @@ def test_store_unreachable_rejects_with_503_and_never_runs_the_handler(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     env = unreachable_dynamodb_env(tmp_path, "reject")
-    with running(deployment.start(env, tmp_path)) as server:
+    # A store unusable at startup fails an ASGI server's startup (tests/test_hardening_adapters.py);
+    # without lifespan, uvicorn serves as it would after the store went away.
+    with running(deployment.start(env, tmp_path, uvicorn_args=["--lifespan", "off"])) as server:
         for attempt in range(2):
             response = httpx.post(
                 f"{server.base_url}/payments", headers=auth("alice", "order-1"), json=PAYMENT
