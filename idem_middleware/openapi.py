@@ -54,13 +54,15 @@ def document_idempotency(app: _OpenAPIApp, config: IdempotencyConfig | None = No
     """
     config = config or IdempotencyConfig()
     generate: Callable[[], dict[str, Any]] = app.openapi
-    documented: list[int] = []  # id of the document already extended (FastAPI caches it)
+    # The document already extended: FastAPI caches it, and regenerates it when its
+    # ``openapi_schema`` is reset. Held (not its id) so that a new one is never mistaken for it.
+    documented: list[dict[str, Any]] = []
 
     def openapi() -> dict[str, Any]:
         document = generate()
-        if not documented or documented[0] != id(document):
+        if not documented or documented[0] is not document:
             add_idempotency_to_openapi(document, config)
-            documented[:] = [id(document)]
+            documented[:] = [document]
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented extension point
