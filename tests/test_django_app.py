@@ -20,8 +20,6 @@ import pytest
 from idem_middleware.testing import IdempotencyChecker
 from tests.support.servers import Server, running, start_gunicorn, start_uvicorn
 
-pytest.importorskip("django")
-
 PAYMENT = {"amount": 1250, "currency": "EUR", "description": "order 1234"}
 ALICE = {"Authorization": "Bearer alice"}
 

@@ -13,13 +13,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from openapi_spec_validator import validate as validate_spec
 from pydantic import BaseModel
 
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
 from idem_middleware.openapi import add_idempotency_to_openapi, document_idempotency
 from idem_middleware.persistence import InMemoryPersistenceLayer
-
-validate_spec = pytest.importorskip("openapi_spec_validator").validate
 
 PROBLEM_REF = "#/components/schemas/IdempotencyProblem"
 PROBLEM = "application/problem+json"
