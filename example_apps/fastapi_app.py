@@ -34,21 +34,22 @@ from example_apps.store import (
     user_scope,
 )
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
+from idem_middleware.openapi import document_idempotency
 
 configure_logging()
 ledger = Ledger.from_env()
 
+config = IdempotencyConfig(
+    include_paths=("/payments", "/payments/*/refunds"),
+    require_key=True,
+    scope=user_scope,
+    on_store_error=on_store_error_from_env(),
+)
 app = FastAPI(title="Payments (FastAPI)")
 app.add_middleware(
-    IdempotencyMiddleware,
-    persistence_layer=persistence_layer_from_env(),
-    config=IdempotencyConfig(
-        include_paths=("/payments", "/payments/*/refunds"),
-        require_key=True,
-        scope=user_scope,
-        on_store_error=on_store_error_from_env(),
-    ),
+    IdempotencyMiddleware, persistence_layer=persistence_layer_from_env(), config=config
 )
+document_idempotency(app, config)  # /openapi.json shows the Idempotency-Key header and errors
 
 
 class PaymentIn(BaseModel):
