@@ -205,8 +205,7 @@ class IdempotentExchange:
         self.body_delivered = False
         self.attempt: Proceed | None = None
         self.start_message: Message | None = None
-        self.size = 0  # bytes of response body the app sent
-        self.kept: list[bytes] | None = []  # their copy; None once past the stored-size limit
+        self.copy = self.engine.sizes.response_copy()  # the body the app sent, for the record
         self.held: list[bytes] = []  # body the client must not get before the record
         self.declared_length: int | None = None
         self.sending = False  # the start message went out: the body streams
@@ -253,10 +252,14 @@ class IdempotentExchange:
 
     async def read_body(self) -> bytes | Respond | None:
         """The whole request body, counted while reading; a 413 decision past the limit."""
-        limit = self.engine.config.max_request_body_bytes
+        sizes = self.engine.sizes
         method, path = self.scope["method"], self.path
         for name, value in self.scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
+            if (
+                name == b"content-length"
+                and value.isdigit()
+                and sizes.request_body_too_large(int(value))
+            ):
                 return self.engine.body_too_large(method, path)
         chunks: list[bytes] = []
         size = 0
@@ -266,7 +269,7 @@ class IdempotentExchange:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
+            if sizes.request_body_too_large(size):
                 return self.engine.body_too_large(method, path)
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -341,47 +344,38 @@ class IdempotentExchange:
             return
         chunk = message.get("body", b"")
         if not message.get("more_body", False):
-            if self.sending or self.size:
+            if self.sending or self.copy.size:
                 await self.complete_stream(chunk)
                 return
             # The whole body in one message, as most responses come: inline, it is the hot path.
             assert self.start_message is not None
-            over_limit = len(chunk) > self.engine.max_stored_response_bytes
+            over_limit = not self.engine.sizes.stores_body(len(chunk))
             response = self.captured_response(b"" if over_limit else chunk, body_omitted=over_limit)
             self.finished = True
             await self.finish_call(self.engine.complete, self.attempt, response)
             await self.send(self.start_message)
             await self.send(message)
             return
-        if not self.sending and not self.size:  # the first chunk of a stream
+        if not self.sending and not self.copy.size:  # the first chunk of a stream
             self.declared_length = _declared_length(self.start_message)
-        self.account(chunk)
-        if self.held or (self.declared_length is not None and self.size >= self.declared_length):
+        self.copy.add(chunk)
+        if self.held or (
+            self.declared_length is not None and self.copy.size >= self.declared_length
+        ):
             self.held.append(chunk)  # the client would hold the whole response: not yet
             return
         await self.forward(message)
 
     async def complete_stream(self, chunk: bytes) -> None:
         assert self.attempt is not None
-        self.account(chunk)
-        kept = self.kept
-        response = self.captured_response(
-            b"" if kept is None else b"".join(kept), body_omitted=kept is None
-        )
+        self.copy.add(chunk)
+        kept = self.copy.body
+        response = self.captured_response(b"" if kept is None else kept, body_omitted=kept is None)
         self.finished = True
         await self.finish_call(self.engine.complete, self.attempt, response)
         body = b"".join([*self.held, chunk]) if self.held else chunk
         self.held.clear()
         await self.forward({"type": "http.response.body", "body": body, "more_body": False})
-
-    def account(self, chunk: bytes) -> None:
-        """Count a body chunk and keep its copy while the body fits the stored-size limit."""
-        self.size += len(chunk)
-        if self.kept is not None:
-            if self.size > self.engine.max_stored_response_bytes:
-                self.kept = None
-            else:
-                self.kept.append(chunk)
 
     async def forward(self, message: Message) -> None:
         try:

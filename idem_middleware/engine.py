@@ -41,6 +41,7 @@ from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRE
 from idem_middleware.request import IdempotencyRequest
 from idem_middleware.responses import StoredResponse, problem_response
 from idem_middleware.routes import compile_paths
+from idem_middleware.sizes import SizeLimits
 
 logger = logging.getLogger("idem_middleware")
 
@@ -129,11 +130,7 @@ class IdempotencyEngine:
         #: ``release`` in a worker thread when they do.
         self.store_blocks = persistence_layer.blocking_io
         #: Response bodies up to this size are stored and replayed; larger ones stream through.
-        self.max_stored_response_bytes = (
-            self.config.max_stored_response_bytes
-            if self.config.max_stored_response_bytes is not None
-            else persistence_layer.max_response_bytes
-        )
+        self.sizes = SizeLimits.resolve(self.config, persistence_layer.max_response_bytes)
         self._methods = _all_cases(self.config.methods)
         self._include = _compile_globs(self.config.include_paths)
         self._exclude = _compile_globs(self.config.exclude_paths or None)
@@ -331,7 +328,7 @@ class IdempotencyEngine:
         """The response as stored: no excluded header, no body over the stored-size limit."""
         excluded = self._excluded_headers
         headers = [header for header in response.headers if header[0].lower() not in excluded]
-        if len(response.body) > self.max_stored_response_bytes:
+        if not self.sizes.stores_body(len(response.body)):
             return StoredResponse(
                 response.status, tuple(headers), b"", body_omitted=True, reason=response.reason
             )

@@ -85,8 +85,7 @@ class WSGIExchange:
         self.status_line: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.declared_length: int | None = None
-        self.size = 0  # bytes of body the app produced
-        self.kept: list[bytes] | None = []  # its copy; None once past the stored-size limit
+        self.copy = engine.sizes.response_copy()  # the body the app produced, for the record
         self.pending: list[bytes] = []  # produced, not yet sent: they wait for the record
         self.server_write: Write | None = None  # set once the response streams
         self.passing = False  # a status that is not stored: the key is released, bytes pass
@@ -125,7 +124,7 @@ class WSGIExchange:
         """Exactly CONTENT_LENGTH bytes, or to EOF when ``wsgi.input_terminated`` and no length
         was given; a refusal when the body is over the limit or ends early.
         """
-        limit = self.engine.config.max_request_body_bytes
+        sizes = self.engine.sizes
         stream = self.environ["wsgi.input"]
         declared = self.environ.get("CONTENT_LENGTH")
         expected: int | None
@@ -135,7 +134,7 @@ class WSGIExchange:
             expected = None
         if expected is None and not self.environ.get("wsgi.input_terminated"):
             expected = 0  # PEP 3333: without a length, an unterminated input must not be read
-        if expected is not None and expected > limit:
+        if expected is not None and sizes.request_body_too_large(expected):
             return self.engine.body_too_large(self.method, self.path)
         chunks: list[bytes] = []
         size = 0
@@ -147,7 +146,7 @@ class WSGIExchange:
                     break
                 chunks.append(chunk)
                 size += len(chunk)
-                if size > limit:
+                if sizes.request_body_too_large(size):
                     return self.engine.body_too_large(self.method, self.path)
         except (OSError, ValueError):
             return self.engine.body_incomplete(self.method, self.path)
@@ -168,7 +167,7 @@ class WSGIExchange:
                 if self.server_write is not None:  # write() started the stream
                     first = [chunk] if self.passing else self.route(chunk)
                 else:
-                    self.account(chunk)
+                    self.copy.add(chunk)
                     if not streamable or self.must_wait():
                         self.pending.append(chunk)
                         continue
@@ -234,32 +233,23 @@ class WSGIExchange:
             return
         if self.status_line is None:
             raise RuntimeError("the WSGI application sent body data before start_response")
-        self.account(chunk)
+        self.copy.add(chunk)
         self.pending.append(chunk)
-        if self.size > self.engine.max_stored_response_bytes and not self.must_wait():
+        if not self.engine.sizes.stores_body(self.copy.size) and not self.must_wait():
             self.start_streaming()
             assert self.server_write is not None
             written, self.pending = self.pending, []
             self.server_write(b"".join(written))
 
-    def account(self, chunk: bytes) -> None:
-        """Count the chunk and keep its copy while the body fits the stored-size limit."""
-        self.size += len(chunk)
-        if self.kept is not None:
-            if self.size > self.engine.max_stored_response_bytes:
-                self.kept = None
-            else:
-                self.kept.append(chunk)
-
     def must_wait(self) -> bool:
         """Whether the client would hold the whole response once sent what was produced."""
-        return self.declared_length is not None and self.size >= self.declared_length
+        return self.declared_length is not None and self.copy.size >= self.declared_length
 
     def route(self, chunk: bytes) -> list[bytes]:
         """While streaming: what of ``chunk`` may go to the client now (nothing once the
         declared length is reached: that waits for the record).
         """
-        self.account(chunk)
+        self.copy.add(chunk)
         if self.pending or self.must_wait():
             self.pending.append(chunk)
             return []
@@ -273,7 +263,7 @@ class WSGIExchange:
         if not self.engine.stores(status):
             # Not stored (a 5xx by default): release now and let the response through.
             self.finished = self.passing = True
-            self.kept = None
+            self.copy.give_up()
             self.engine.release(self.attempt, status)
         self.server_write = self.start_response(self.status_line, self.headers)
 
@@ -287,7 +277,7 @@ class WSGIExchange:
     def abandon(self) -> None:
         """The server stopped the response early: record it without its body, never release."""
         if not self.finished:
-            self.kept = None
+            self.copy.give_up()
             self.complete()
 
     def fail(self) -> None:
@@ -305,11 +295,12 @@ class WSGIExchange:
     def captured_response(self) -> StoredResponse:
         assert self.status_line is not None
         code, _, reason = self.status_line.partition(" ")
+        body = self.copy.body
         return StoredResponse(
             status=int(code),
             headers=tuple(self.headers),
-            body=b"" if self.kept is None else b"".join(self.kept),
-            body_omitted=self.kept is None,
+            body=b"" if body is None else body,
+            body_omitted=body is None,
             reason=reason or None,
         )
 
