@@ -56,11 +56,11 @@ def redacted(url: str) -> str:
 
 @dataclass(frozen=True)
 class _Scheme:
-    """How one URL scheme becomes a layer.
+    """How one URL scheme becomes a layer: ``build(layer_class, url_parts, options)``.
 
-    ``build(parts, query, options)`` returns the layer; ``query`` holds the URL's parameters
-    already converted by ``parameters`` (name -> converter), and ``options`` the caller's
-    keyword arguments, which the URL's parameters may not repeat.
+    The query parameters named in ``parameters`` (name -> converter) are converted and joined
+    to the caller's keyword arguments in ``options`` before ``build`` runs; any other parameter
+    is refused. ``module`` is imported only when the scheme is used.
     """
 
     module: str
