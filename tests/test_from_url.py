@@ -36,6 +36,11 @@ def test_sqlite_three_slashes_relative_four_absolute(
     assert Path(absolute.path).is_absolute()
 
 
+def test_sqlite_path_is_percent_decoded() -> None:
+    layer: Any = from_url("sqlite:///odd%3Fname%23%25.sqlite3")
+    assert layer.path == "odd?name#%.sqlite3"
+
+
 def test_sqlite_parameters_and_options_reach_the_layer(tmp_path: Path) -> None:
     layer: Any = from_url(
         f"sqlite:///{tmp_path}/idem.sqlite3?table_name=records&synchronous=normal",

@@ -4,7 +4,9 @@
 ``memory://``                                              :class:`InMemoryPersistenceLayer`
 ``sqlite:///relative/path.sqlite3``                        :class:`SQLitePersistenceLayer`
 ``sqlite:////absolute/path.sqlite3``                       (three slashes, then the path, as in
-                                                           SQLAlchemy: a fourth makes it absolute)
+                                                           SQLAlchemy: a fourth makes it absolute;
+                                                           ``%3F`` stands for ``?``, ``%23`` for
+                                                           ``#``, ``%25`` for ``%``)
 ``redis://[user:password@]host[:port][/db]``, ``rediss://`` :class:`RedisPersistenceLayer` (the URL
                                                            goes to redis-py as it is)
 ``dynamodb://TABLE?region=…&endpoint_url=…&profile=…``     :class:`DynamoDBPersistenceLayer` (and
@@ -28,7 +30,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit, urlunsplit
 
 from idem_middleware.persistence.base import BasePersistenceLayer
 
@@ -84,7 +86,7 @@ def _sqlite(layer: LayerClass, parts: SplitResult, options: dict[str, Any]) -> B
             "sqlite:////absolute/path"
         )
     # urlsplit keeps the slash after the empty host: "sqlite:///a.db" has path "/a.db".
-    path = parts.path[1:]
+    path = unquote(parts.path[1:])
     if not path:
         raise ValueError("sqlite:// needs a file: sqlite:///relative/path or sqlite:////abs/path")
     return layer(path, **options)
