@@ -23,7 +23,7 @@ $(DYNAMODB_LOCAL):
 	fi
 
 test: $(BIN)/tox $(DYNAMODB_LOCAL)
-	$(BIN)/tox run -e py,lint,type
+	$(BIN)/tox run -e py,lint,type,pkg
 
 # The demo is checkout tooling (tooling/demo, next to example_apps/), not part of the package: it
 # runs from .venv, with an editable install and the `demo` dependency group of pyproject.toml
