@@ -1,63 +1,22 @@
 """The README runs: every ```python block is executed, and every link works off GitHub too.
 
-Blocks run one by one, each in a fresh namespace and a fresh working directory (the SQLite files
-they create land there). A block preceded by ``<!-- readme-test: continue -->`` runs in the
-namespace of the block before it (a test client exercising the app just shown). A block that
-cannot run here would be preceded by ``<!-- readme-test: skip REASON -->``; none is today.
+Blocks run as :mod:`tooling.readme` groups them, each group in a fresh namespace and a fresh
+working directory (the SQLite files they create land there). ``tox -e pkg`` runs them again
+from the built wheel, outside the checkout (:mod:`tooling.check_wheel`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-MARKER = re.compile(r"<!-- readme-test: (continue|skip .+) -->")
+from tooling.readme import README, Snippet, chains
+
+ROOT = README.parent
 REPOSITORY = "https://github.com/idem-middleware/idem-middleware"
-
-
-@dataclass
-class Snippet:
-    line: int  # where its ``` fence is, 1-based
-    code: str
-    marker: str | None
-
-
-def snippets(text: str) -> list[Snippet]:
-    found: list[Snippet] = []
-    lines = text.splitlines()
-    index = 0
-    while index < len(lines):
-        if lines[index].strip() == "```python":
-            start = index
-            end = lines.index("```", index + 1)
-            previous = next((line for line in reversed(lines[:start]) if line.strip()), "")
-            match = MARKER.fullmatch(previous.strip())
-            if previous.strip().startswith("<!--") and match is None:
-                raise AssertionError(f"README line {start}: unknown marker {previous!r}")
-            found.append(
-                Snippet(start + 1, "\n".join(lines[start + 1 : end]), match and match.group(1))
-            )
-            index = end
-        index += 1
-    return found
-
-
-def chains() -> list[list[Snippet]]:
-    """The snippets grouped as they run: a block and the blocks that continue it."""
-    groups: list[list[Snippet]] = []
-    for snippet in snippets(README.read_text(encoding="utf-8")):
-        if snippet.marker == "continue":
-            assert groups, f"README line {snippet.line}: nothing to continue"
-            groups[-1].append(snippet)
-        else:
-            groups.append([snippet])
-    return groups
 
 
 CHAINS = chains()
@@ -67,7 +26,7 @@ CHAINS = chains()
 def test_readme_snippet_runs(
     chain: list[Snippet], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    skipped = [s.marker for s in chain if s.marker and s.marker.startswith("skip")]
+    skipped = [s.skip_reason for s in chain if s.skip_reason]
     if skipped:
         pytest.skip(skipped[0])
     monkeypatch.chdir(tmp_path)
