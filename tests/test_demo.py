@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +31,15 @@ def demo_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IDEM_", "EXAMPLE_"))}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def descendants(pid: int) -> set[int]:
@@ -92,17 +103,28 @@ def test_demo_on_sqlite_holds_every_expectation() -> None:
     ports = re.findall(r"http://127\.0\.0\.1:(\d+)", out)
     assert len(set(ports)) == 2, out
     for port in set(ports):
-        probe = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                f"import socket; socket.create_connection(('127.0.0.1', {port}))",
-            ],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
-        assert probe.returncode != 0, f"a server still listens on port {port}"
+        assert not listening(int(port)), f"a server still listens on port {port}"
+
+
+@pytest.mark.e2e
+@pytest.mark.redis
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+def test_demo_starts_and_stops_its_own_redis_server() -> None:
+    result = subprocess.run(
+        [*DEMO, "--store", "redis-local"],
+        cwd=ROOT,
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✓ All 10 expectations held" in result.stdout
+    port = re.search(r"Idempotency store: Redis at redis://127\.0\.0\.1:(\d+)/0", result.stdout)
+    assert port, result.stdout
+    assert not listening(int(port[1])), "the demo's redis-server still listens"
 
 
 @pytest.mark.e2e

@@ -7,6 +7,7 @@ Exit codes: 0 when every expectation held, 1 otherwise or on an error (one line 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -23,14 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
         "and a late retry; show what each step did and whether the card was charged once.",
         epilog='examples:\n  make demo\n  make demo DEMO_ARGS="--store dynamodb --endpoint-url '
         'http://localhost:8000"\n  make demo DEMO_ARGS="--store redis --redis-url '
-        'redis://localhost:6379/0"',
+        'redis://localhost:6379/0"\n  make demo DEMO_ARGS="--store redis-local"',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--store",
-        choices=("sqlite", "memory", "dynamodb", "redis"),
+        choices=("sqlite", "memory", "dynamodb", "redis", "dynamodb-local", "redis-local"),
         default="sqlite",
-        help="the idempotency store (default: %(default)s, a temporary file that needs no service)",
+        help="the idempotency store (default: %(default)s, a temporary file that needs no "
+        "service); dynamodb-local and redis-local start DynamoDB Local or a redis-server for the "
+        "demo and stop it after",
     )
     parser.add_argument(
         "--table",
@@ -62,15 +65,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         from tooling.demo.run import run_demo
 
-        if args.store == "memory":
-            store = stores.memory()
-        elif args.store == "sqlite":
-            store = stores.sqlite()
-        elif args.store == "redis":
-            store = stores.redis(args.redis_url)
-        else:
-            store = stores.dynamodb(args.table, args.endpoint_url, args.region)
-        return 0 if run_demo(store) else 1
+        with contextlib.ExitStack() as services:
+            if args.store == "memory":
+                store = stores.memory()
+            elif args.store == "sqlite":
+                store = stores.sqlite()
+            elif args.store == "redis":
+                store = stores.redis(args.redis_url)
+            elif args.store == "redis-local":
+                store = stores.redis_local(services)
+            elif args.store == "dynamodb-local":
+                store = stores.dynamodb_local(services)
+            else:
+                store = stores.dynamodb(args.table, args.endpoint_url, args.region)
+            return 0 if run_demo(store) else 1
     except DemoError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ that cannot be used is one line, not a server log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,3 +92,32 @@ def dynamodb(table: str, endpoint_url: str | None, region: str | None) -> DemoSt
 def _cause(exc: BaseException) -> str:
     text = str(exc.__cause__ or exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def dynamodb_local(stack: contextlib.ExitStack) -> DemoStore:
+    """DynamoDB Local (or moto's server where Java is missing), started for the demo."""
+    from tooling import dynamodb_local as service
+
+    # DynamoDB Local accepts any credentials; the demo never needs real ones.
+    for name, value in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo")):
+        os.environ.setdefault(name, value)
+    try:
+        server = service.start()
+    except (ImportError, RuntimeError, OSError) as exc:
+        raise DemoError(f"cannot start DynamoDB Local: {exc}") from None
+    stack.callback(server.stop)
+    return dynamodb(DEMO_TABLE, server.endpoint_url, LOCAL_ENDPOINT_REGION)
+
+
+def redis_local(stack: contextlib.ExitStack) -> DemoStore:
+    """A private redis-server, started for the demo."""
+    from tooling import redis_server as service
+
+    try:
+        server = service.start()
+    except (ImportError, RuntimeError, OSError) as exc:
+        raise DemoError(f"cannot start redis-server: {exc}") from None
+    stack.callback(server.stop)
+    if not server.private:
+        raise DemoError("redis-server is not installed (Debian: apt-get install redis-server)")
+    return redis(server.url)
