@@ -3,7 +3,7 @@
 Run it::
 
     uvicorn example_apps.fastapi_app:app
-    IDEM_STORE=dynamodb IDEM_DYNAMODB_TABLE=idempotency uvicorn example_apps.fastapi_app:app
+    IDEM_STORE_URL='dynamodb://idempotency?region=eu-west-1' uvicorn example_apps.fastapi_app:app
 
 Then create a payment twice with the same key; the second answer is a replay::
 

@@ -21,14 +21,6 @@ class Headers(Mapping[str, str]):
         self._raw: Sequence[tuple[bytes, bytes]] = ()
 
     @classmethod
-    def from_lowercase(cls, items: list[tuple[str, str]]) -> Headers:
-        """Wrap pairs whose names are already lower-case without copying."""
-        headers = cls.__new__(cls)
-        headers._items = items
-        headers._raw = ()
-        return headers
-
-    @classmethod
     def from_asgi(cls, raw: Sequence[tuple[bytes, bytes]]) -> Headers:
         """Wrap an ASGI scope's ``headers`` (lower-case names, latin-1 bytes) as they are.
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from idem_middleware.persistence.base import BasePersistenceLayer
-from tests.support import dynamodb_local, postgres_server, redis_server
 from tests.support.backends import backend_params
+from tooling import dynamodb_local, postgres_server, redis_server
 
 # Credentials for DynamoDB Local / moto; never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

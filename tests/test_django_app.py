@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from idem_middleware.testing import IdempotencyChecker
-from tests.support.servers import Server, running, start_gunicorn, start_uvicorn
+from tooling.servers import Server, running, start_gunicorn, start_uvicorn
 
 PAYMENT = {"amount": 1250, "currency": "EUR", "description": "order 1234"}
 ALICE = {"Authorization": "Bearer alice"}
@@ -114,8 +114,7 @@ DJANGO_ASGI = "example_apps.django_app.asgi:application"
 
 def start(server: str, tmp_path: Path) -> Server:
     env = {
-        "IDEM_STORE": "sqlite",
-        "IDEM_SQLITE_PATH": str(tmp_path / "idempotency.sqlite3"),
+        "IDEM_STORE_URL": f"sqlite:///{tmp_path / 'idempotency.sqlite3'}",
         "EXAMPLE_LEDGER_PATH": str(tmp_path / "ledger.sqlite3"),
         "EXAMPLE_CHARGE_DELAY_SECONDS": "0.3",
         "LOG_LEVEL": "INFO",

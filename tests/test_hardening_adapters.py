@@ -22,13 +22,12 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware, IdempotencyWSGIMiddleware
-from idem_middleware.demo.servers import ServerStartError
 from idem_middleware.exceptions import IdempotencyPersistenceLayerError
 from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED
 from idem_middleware.responses import StoredResponse
 from tests.support.harness import Harness
-from tests.support.servers import running, start_gunicorn, start_uvicorn
+from tooling.servers import ServerStartError, running, start_gunicorn, start_uvicorn
 
 Message = dict[str, Any]
 LIMIT = 64

@@ -49,7 +49,7 @@ from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRE
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
 from tests.support.backends import FakeClock, write_raw_record
-from tests.support.dynamodb_local import free_port
+from tooling.processes import free_port
 
 EXPIRES = 3600
 LEASE = 60

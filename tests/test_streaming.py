@@ -30,7 +30,7 @@ from idem_middleware import IdempotencyConfig, IdempotencyMiddleware, Idempotenc
 from idem_middleware.persistence import InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
 from tests.support.harness import Harness
-from tests.support.servers import running, start_gunicorn, start_uvicorn
+from tooling.servers import running, start_gunicorn, start_uvicorn
 
 Message = dict[str, Any]
 KEY = (b"idempotency-key", b"stream-1")

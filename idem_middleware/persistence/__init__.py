@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.memory import InMemoryPersistenceLayer
 from idem_middleware.persistence.record import DataRecord
+from idem_middleware.persistence.url import from_url
 
 if TYPE_CHECKING:
     from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
@@ -22,6 +23,7 @@ __all__ = [
     "PostgresPersistenceLayer",
     "RedisPersistenceLayer",
     "SQLitePersistenceLayer",
+    "from_url",
 ]
 
 _LAZY = {

@@ -77,6 +77,9 @@ def build_asgi_app(state: AppState) -> Starlette:
         response = JSONResponse(payload, status_code=201)
         response.headers["x-order-count"] = str(state.calls["orders"])
         response.set_cookie("session", "abc")
+        # As a server would add them: they describe one transmission, and are never replayed.
+        response.headers["server"] = "harness/1.0"
+        response.headers["date"] = "Sat, 28 Nov 2026 12:00:00 GMT"
         return response
 
     async def list_orders(req: Request) -> StarletteResponse:
@@ -181,6 +184,9 @@ def build_wsgi_app(state: AppState) -> Flask:
         )
         response.headers["x-order-count"] = str(state.calls["orders"])
         response.set_cookie("session", "abc")
+        # As a server would add them: they describe one transmission, and are never replayed.
+        response.headers["server"] = "harness/1.0"
+        response.headers["date"] = "Sat, 28 Nov 2026 12:00:00 GMT"
         return response
 
     @app.get("/orders")

@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tooling.processes import free_port
 
 DEFAULT_EXTERNAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 SYSTEM_USER = "postgres"  # the private server's owner when the tests run as root
@@ -129,7 +130,7 @@ def start_private() -> PostgresServer:
         version = found.group(0) if found else "?"
         last_error = ""
         for _attempt in range(3):  # another process may take the free port before we bind it
-            port = _free_port()
+            port = free_port()
             options = (
                 f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={workdir.name}"
                 " -c fsync=off -c max_connections=200"
@@ -195,12 +196,6 @@ def _run_as_prefix() -> list[str]:
 
 def _data_dir(workdir: str) -> str:
     return os.path.join(workdir, "data")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: str, lines: int = 20) -> str:
