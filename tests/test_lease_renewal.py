@@ -1,22 +1,39 @@
-"""Lease renewal, over every backend: a fenced write that keeps a running request's key its own.
+"""Lease renewal: the fenced store write, over every backend, then the engine's ``renew`` step and
+the keepers that call it while a handler runs (:mod:`idem_middleware.lease`).
 
-Time moves through the layer's ``clock`` (a :class:`FakeClock`), never by sleeping.
+In the contract tests time moves through the layer's ``clock`` (a :class:`FakeClock`), never by
+sleeping; the keepers run on real time with renewal intervals of a few milliseconds.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
 import pytest
 
+from idem_middleware import lease as lease_module
 from idem_middleware.config import IdempotencyConfig
+from idem_middleware.engine import IdempotencyEngine, IdempotencyEvent, Proceed, Respond
 from idem_middleware.exceptions import (
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
+    IdempotencyPersistenceLayerError,
 )
+from idem_middleware.lease import AsyncLeaseKeeper, LeaseKeeper
 from idem_middleware.persistence.base import BasePersistenceLayer
-from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
+from idem_middleware.persistence.memory import InMemoryPersistenceLayer
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
 from tests.support.backends import FakeClock
+
+T = TypeVar("T")
 
 EXPIRES = 3600
 LEASE = 10
@@ -236,3 +253,348 @@ def test_a_resent_renewal_whose_first_attempt_landed_is_accepted(
     renewed = layer.renew_lease(lease)
 
     assert layer.get_record(key).holds_same_lease(renewed)
+
+
+# The engine's renewal step --------------------------------------------------------------------
+
+
+def request(key: str = "k-1") -> IdempotencyRequest:
+    return IdempotencyRequest("POST", "/pay", "", Headers([("idempotency-key", key)]), b"{}")
+
+
+def claimed(
+    layer: InMemoryPersistenceLayer | None = None, *, lease: int = LEASE
+) -> tuple[IdempotencyEngine, Proceed, list[IdempotencyEvent], FakeClock]:
+    """An engine over ``layer`` (a fake clock) and the attempt that holds key ``k-1``."""
+    layer = layer or InMemoryPersistenceLayer()
+    events: list[IdempotencyEvent] = []
+    engine = IdempotencyEngine(
+        layer,
+        IdempotencyConfig(in_progress_expires_after_seconds=lease, on_event=events.append),
+    )
+    clock = FakeClock()
+    layer.clock = clock
+    attempt = engine.begin(request())
+    assert isinstance(attempt, Proceed)
+    return engine, attempt, events, clock
+
+
+def names(events: list[IdempotencyEvent]) -> list[str]:
+    return [event.name for event in events]
+
+
+def test_engine_renew_keeps_the_renewed_lease_and_completes_under_it() -> None:
+    engine, attempt, events, clock = claimed()
+    claimed_lease = attempt.lease
+    clock.advance(LEASE / 3)
+
+    assert engine.renew(attempt) is True
+
+    assert attempt.lease is not claimed_lease
+    assert attempt.lease.in_progress_expiry_timestamp == int((clock.now + LEASE) * 1000)
+    engine.complete(attempt, CREATED)
+    assert names(events) == ["claimed", "completed"]
+    replay = engine.begin(request())
+    assert isinstance(replay, Respond)
+    assert replay.response.body == CREATED.body
+
+
+def test_engine_renew_reports_a_lost_lease_and_never_raises() -> None:
+    engine, attempt, events, clock = claimed()
+    clock.advance(LEASE + 1)
+    assert isinstance(engine.begin(request()), Proceed)  # a retry took the key over
+
+    assert engine.renew(attempt) is False
+
+    assert names(events) == ["claimed", "claimed", "lease_lost"]
+
+
+class RenewalDownLayer(InMemoryPersistenceLayer):
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        raise IdempotencyPersistenceLayerError("down") from ConnectionError("refused")
+
+
+def test_engine_renew_reports_a_store_error_and_keeps_the_lease() -> None:
+    engine, attempt, events, _ = claimed(RenewalDownLayer())
+    claimed_lease = attempt.lease
+
+    assert engine.renew(attempt) is True  # a later renewal may still succeed
+
+    assert attempt.lease is claimed_lease
+    assert names(events) == ["claimed", "store_error"]
+    assert "lease not renewed" in (events[-1].detail or "")
+    engine.complete(attempt, CREATED)
+    assert names(events)[-1] == "completed"
+
+
+# Keepers --------------------------------------------------------------------------------------
+
+TICK = 0.005  # renewal interval of the keeper tests: real time, a few milliseconds
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
+class GatedRenewalLayer(InMemoryPersistenceLayer):
+    """Renewals block until ``gate`` opens; ``entered`` says one is under way."""
+
+    blocking_io = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.renewal_calls = 0
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        self.renewal_calls += 1
+        self.entered.set()
+        assert self.gate.wait(10)
+        super()._renew_record(lease, renewed)
+
+
+class CountingLayer(InMemoryPersistenceLayer):
+    def __init__(self, *, blocking: bool = False, fail_first: int = 0) -> None:
+        super().__init__()
+        self.blocking_io = blocking  # type: ignore[misc]
+        self.renewal_calls = 0
+        self.threads: set[str] = set()
+        self.fail_first = fail_first
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        self.renewal_calls += 1
+        self.threads.add(threading.current_thread().name)
+        if self.renewal_calls <= self.fail_first:
+            raise IdempotencyPersistenceLayerError("down")
+        super()._renew_record(lease, renewed)
+
+
+def stored_lease(engine: IdempotencyEngine, attempt: Proceed) -> DataRecord:
+    return engine.persistence_layer._get_record(attempt.lease.idempotency_key)
+
+
+def test_thread_keeper_renews_until_stopped_then_never_again() -> None:
+    layer = CountingLayer()
+    engine, attempt, events, _ = claimed(layer)
+    claimed_lease = attempt.lease
+
+    with LeaseKeeper(engine, attempt, interval=TICK) as keeper:
+        eventually(lambda: keeper.renewals >= 3)
+    calls = layer.renewal_calls
+    time.sleep(TICK * 6)
+
+    assert layer.renewal_calls == calls
+    assert keeper.stopped
+    assert not keeper.lost
+    assert attempt.lease is not claimed_lease
+    assert stored_lease(engine, attempt).holds_same_lease(attempt.lease)
+    assert threading.current_thread().name not in layer.threads
+    engine.complete(attempt, CREATED)
+    assert names(events) == ["claimed", "completed"]
+
+
+def test_thread_keeper_stopped_before_its_first_renewal_never_renews() -> None:
+    layer = CountingLayer()
+    engine, attempt, _, _ = claimed(layer)
+    for _ in range(100):
+        LeaseKeeper(engine, attempt, interval=TICK).start().stop()
+    time.sleep(TICK * 4)
+    assert layer.renewal_calls == 0
+
+
+def test_thread_keeper_stop_waits_for_the_renewal_under_way_so_completion_uses_its_lease() -> None:
+    layer = GatedRenewalLayer()
+    engine, attempt, events, _ = claimed(layer)
+    keeper = LeaseKeeper(engine, attempt, interval=TICK).start()
+    assert layer.entered.wait(5)
+    claimed_lease = attempt.lease
+
+    stopper = threading.Thread(target=keeper.stop)
+    stopper.start()
+    stopper.join(0.05)
+    assert stopper.is_alive(), "stop() returned while a renewal was still writing"
+    layer.gate.set()
+    stopper.join(5)
+    assert not stopper.is_alive()
+
+    assert attempt.lease is not claimed_lease  # the renewal's lease, final once stop returned
+    assert layer.renewal_calls == 1
+    engine.complete(attempt, CREATED)
+    assert names(events) == ["claimed", "completed"]
+
+
+def test_thread_keeper_stops_renewing_a_lost_lease() -> None:
+    layer = CountingLayer()
+    engine, attempt, events, clock = claimed(layer)
+    clock.advance(LEASE + 1)
+    assert isinstance(engine.begin(request()), Proceed)  # a retry took the key over
+
+    keeper = LeaseKeeper(engine, attempt, interval=TICK).start()
+    eventually(lambda: keeper.lost)
+    time.sleep(TICK * 4)
+
+    assert layer.renewal_calls == 1
+    assert names(events) == ["claimed", "claimed", "lease_lost"]
+    keeper.stop()
+
+
+def test_thread_keeper_renews_again_after_a_store_error() -> None:
+    layer = CountingLayer(fail_first=2)
+    engine, attempt, events, _ = claimed(layer)
+    with LeaseKeeper(engine, attempt, interval=TICK) as keeper:
+        eventually(lambda: keeper.renewals >= 1)
+    assert layer.renewal_calls >= 3
+    assert names(events)[:3] == ["claimed", "store_error", "store_error"]
+    assert stored_lease(engine, attempt).holds_same_lease(attempt.lease)
+
+
+def test_thread_keepers_of_many_requests_each_keep_their_own_lease() -> None:
+    layer = InMemoryPersistenceLayer()
+    engine = IdempotencyEngine(layer, IdempotencyConfig(in_progress_expires_after_seconds=LEASE))
+    attempts = [engine.begin(request(f"k-{i}")) for i in range(20)]
+    keepers = [
+        LeaseKeeper(engine, attempt, interval=TICK * (1 + i % 3)).start()
+        for i, attempt in enumerate(attempts)
+        if isinstance(attempt, Proceed)
+    ]
+    eventually(lambda: all(keeper.renewals >= 2 for keeper in keepers))
+    for keeper in keepers:
+        keeper.stop()
+    for attempt in attempts:
+        assert isinstance(attempt, Proceed)
+        assert stored_lease(engine, attempt).holds_same_lease(attempt.lease)
+        engine.complete(attempt, CREATED)
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["on-the-loop", "in-a-thread"])
+def test_async_keeper_renews_until_stopped_then_never_again(blocking: bool) -> None:
+    layer = CountingLayer(blocking=blocking)
+    engine, attempt, events, _ = claimed(layer)
+    claimed_lease = attempt.lease
+
+    async def main() -> AsyncLeaseKeeper:
+        async with AsyncLeaseKeeper(engine, attempt, interval=TICK) as keeper:
+            while keeper.renewals < 3:
+                await anyio.sleep(0.001)
+        calls = layer.renewal_calls
+        await anyio.sleep(TICK * 6)
+        assert layer.renewal_calls == calls
+        return keeper
+
+    keeper = anyio.run(main)
+
+    assert not keeper.lost
+    assert attempt.lease is not claimed_lease
+    assert stored_lease(engine, attempt).holds_same_lease(attempt.lease)
+    on_loop = threading.current_thread().name in layer.threads
+    assert on_loop is not blocking
+    engine.complete(attempt, CREATED)
+    assert names(events) == ["claimed", "completed"]
+
+
+def test_async_keeper_runs_renewals_through_the_adapters_store_call() -> None:
+    layer = CountingLayer(blocking=True)
+    engine, attempt, _, _ = claimed(layer)
+    calls: list[str] = []
+
+    async def store_call(function: Callable[..., T], *args: Any) -> T:
+        calls.append(function.__name__)
+        return await anyio.to_thread.run_sync(function, *args)
+
+    async def main() -> None:
+        async with AsyncLeaseKeeper(engine, attempt, store_call=store_call, interval=TICK) as k:
+            while k.renewals < 2:
+                await anyio.sleep(0.001)
+
+    anyio.run(main)
+    assert calls[:2] == ["renew", "renew"]
+    assert len(calls) == layer.renewal_calls
+
+
+def test_async_keeper_stop_waits_for_the_renewal_under_way_so_completion_uses_its_lease() -> None:
+    layer = GatedRenewalLayer()
+    engine, attempt, events, _ = claimed(layer)
+    claimed_lease = attempt.lease
+
+    async def main() -> None:
+        async with AsyncLeaseKeeper(engine, attempt, interval=TICK) as keeper:
+            while not layer.entered.is_set():
+                await anyio.sleep(0.001)
+            stopped = anyio.Event()
+
+            async def stop() -> None:
+                await keeper.stop()
+                stopped.set()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(stop)
+                await anyio.sleep(0.05)
+                assert not stopped.is_set(), "stop() returned while a renewal was still writing"
+                layer.gate.set()
+            assert attempt.lease is not claimed_lease
+            await anyio.to_thread.run_sync(engine.complete, attempt, CREATED)
+
+    anyio.run(main)
+    assert layer.renewal_calls == 1
+    assert names(events) == ["claimed", "completed"]
+
+
+def test_async_keeper_lets_the_handlers_exception_through_unwrapped() -> None:
+    engine, attempt, _, _ = claimed()
+
+    async def main() -> None:
+        async with AsyncLeaseKeeper(engine, attempt, interval=TICK):
+            await anyio.sleep(TICK * 3)
+            raise KeyError("from the handler")
+
+    with pytest.raises(KeyError, match="from the handler"):
+        anyio.run(main)
+
+
+def test_a_cancelled_request_releases_under_the_lease_of_the_renewal_under_way() -> None:
+    layer = GatedRenewalLayer()
+    engine, attempt, events, _ = claimed(layer)
+    claimed_lease = attempt.lease
+
+    async def main() -> None:
+        with anyio.move_on_after(0.2):
+            try:
+                async with AsyncLeaseKeeper(engine, attempt, interval=TICK):
+                    while not layer.entered.is_set():
+                        await anyio.sleep(0.001)
+                    threading.Timer(0.3, layer.gate.set).start()  # lands after the cancel
+                    await anyio.sleep(10)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    engine.release(attempt)
+
+    anyio.run(main)
+    assert attempt.lease is not claimed_lease
+    assert names(events) == ["claimed", "released"]
+
+
+def test_async_keeper_without_asyncio_uses_a_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other anyio backends (trio) have no loop timers: the keeper runs a task instead.
+    monkeypatch.setattr(lease_module, "_asyncio_loop", lambda: None)
+    layer = GatedRenewalLayer()
+    engine, attempt, events, _ = claimed(layer)
+
+    async def main() -> None:
+        async with AsyncLeaseKeeper(engine, attempt, interval=TICK) as keeper:
+            assert keeper._group is not None
+            while not layer.entered.is_set():
+                await anyio.sleep(0.001)
+            threading.Timer(0.05, layer.gate.set).start()
+            await keeper.stop()
+            assert layer.gate.is_set()
+            assert keeper.renewals == 1
+        await anyio.sleep(TICK * 4)
+        assert layer.renewal_calls == 1
+        await anyio.to_thread.run_sync(engine.complete, attempt, CREATED)
+
+    anyio.run(main)
+    assert names(events) == ["claimed", "completed"]
