@@ -125,5 +125,5 @@ def test_valid_alternatives_are_accepted() -> None:
 
 def test_conflict_wait_must_end_before_the_replayed_record_expires() -> None:
     assert IdempotencyConfig(expires_after_seconds=60, conflict_wait_seconds=59.5)
-    with pytest.raises(ValueError, match="conflict_wait_seconds.*expires_after_seconds"):
+    with pytest.raises(ValueError, match=r"conflict_wait_seconds.*expires_after_seconds"):
         IdempotencyConfig(expires_after_seconds=60, conflict_wait_seconds=60)

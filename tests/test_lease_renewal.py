@@ -97,7 +97,8 @@ def test_renewal_keeps_the_record_alive_past_its_original_expiry(
     for _ in range(4):
         clock.advance(LEASE * 0.6)
         lease = persistence_layer.renew_lease(lease)
-    assert claimed.expiry_timestamp is not None and clock.now > claimed.expiry_timestamp + 1
+    assert claimed.expiry_timestamp is not None
+    assert clock.now > claimed.expiry_timestamp + 1
     assert lease.expiry_timestamp == int(clock.now) + LEASE
 
     with pytest.raises(IdempotencyItemAlreadyExistsError):
@@ -339,6 +340,14 @@ def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.001)
 
 
+async def eventually_async(condition: Callable[[], bool]) -> None:
+    for _ in range(5000):
+        if condition():
+            return
+        await anyio.sleep(0.001)
+    raise AssertionError("condition not reached")
+
+
 class GatedRenewalLayer(InMemoryPersistenceLayer):
     """Renewals block until ``gate`` opens; ``entered`` says one is under way."""
 
@@ -478,8 +487,7 @@ def test_async_keeper_renews_until_stopped_then_never_again(blocking: bool) -> N
 
     async def main() -> AsyncLeaseKeeper:
         async with AsyncLeaseKeeper(engine, attempt, interval=TICK) as keeper:
-            while keeper.renewals < 3:
-                await anyio.sleep(0.001)
+            await eventually_async(lambda: keeper.renewals >= 3)
         calls = layer.renewal_calls
         await anyio.sleep(TICK * 6)
         assert layer.renewal_calls == calls
@@ -507,8 +515,7 @@ def test_async_keeper_runs_renewals_through_the_adapters_store_call() -> None:
 
     async def main() -> None:
         async with AsyncLeaseKeeper(engine, attempt, store_call=store_call, interval=TICK) as k:
-            while k.renewals < 2:
-                await anyio.sleep(0.001)
+            await eventually_async(lambda: k.renewals >= 2)
 
     anyio.run(main)
     assert calls[:2] == ["renew", "renew"]
@@ -522,8 +529,7 @@ def test_async_keeper_stop_waits_for_the_renewal_under_way_so_completion_uses_it
 
     async def main() -> None:
         async with AsyncLeaseKeeper(engine, attempt, interval=TICK) as keeper:
-            while not layer.entered.is_set():
-                await anyio.sleep(0.001)
+            await eventually_async(layer.entered.is_set)
             stopped = anyio.Event()
 
             async def stop() -> None:
@@ -564,13 +570,11 @@ def test_a_cancelled_request_releases_under_the_lease_of_the_renewal_under_way()
         with anyio.move_on_after(0.2):
             try:
                 async with AsyncLeaseKeeper(engine, attempt, interval=TICK):
-                    while not layer.entered.is_set():
-                        await anyio.sleep(0.001)
+                    await eventually_async(layer.entered.is_set)
                     threading.Timer(0.3, layer.gate.set).start()  # lands after the cancel
                     await anyio.sleep(10)
             finally:
-                with anyio.CancelScope(shield=True):
-                    engine.release(attempt)
+                engine.release(attempt)  # no await: the cancellation cannot interrupt it
 
     anyio.run(main)
     assert attempt.lease is not claimed_lease
@@ -586,8 +590,7 @@ def test_async_keeper_without_asyncio_uses_a_task(monkeypatch: pytest.MonkeyPatc
     async def main() -> None:
         async with AsyncLeaseKeeper(engine, attempt, interval=TICK) as keeper:
             assert keeper._group is not None
-            while not layer.entered.is_set():
-                await anyio.sleep(0.001)
+            await eventually_async(layer.entered.is_set)
             threading.Timer(0.05, layer.gate.set).start()
             await keeper.stop()
             assert layer.gate.is_set()
