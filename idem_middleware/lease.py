@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from idem_middleware.engine import Conflict, Decision, IdempotencyEngine, Proceed
@@ -153,6 +154,8 @@ class AsyncLeaseKeeper:
 
     async def _renew_and_reschedule(self) -> None:
         try:
+            if self._stopping:  # stopped between the timer and this task's first step
+                return
             delay = await self._renew()
         finally:
             self._task = None
@@ -178,12 +181,7 @@ class AsyncLeaseKeeper:
         """One renewal; the delay until the next one, ``None`` once the lease is lost."""
         before = self.attempt.lease
         try:
-            if self._store_call is not None:
-                held = await self._store_call(self.engine.renew, self.attempt)
-            elif self.engine.store_blocks:
-                held = await anyio.to_thread.run_sync(self.engine.renew, self.attempt)
-            else:
-                held = self.engine.renew(self.attempt)
+            held = await _run(self.engine, self._store_call, self.engine.renew, self.attempt)
         except Exception:
             # engine.renew never raises; a failing store_call must not fail the request.
             logger.exception("idempotency lease renewal could not run")
@@ -213,17 +211,36 @@ async def wait_for_answer_async(
 ) -> Decision:
     """Wait for the request ``conflict`` duplicates: its replay, the key (it failed or crashed),
     or the 409 when ``conflict_wait_seconds`` runs out. Holds no thread between polls.
+
+    Cancelling the wait (the client went away) leaves nothing behind: a poll is never cut off
+    halfway, and a poll that has just claimed the key for this request releases it again.
     """
     while True:
         await sleep(conflict.delay)
-        if store_call is not None:
-            decision = await store_call(engine.poll, conflict)
-        elif engine.store_blocks:
-            decision = await anyio.to_thread.run_sync(engine.poll, conflict)
-        else:
-            decision = engine.poll(conflict)
+        with anyio.CancelScope(shield=True):
+            decision = await _run(engine, store_call, engine.poll, conflict)
+        if isinstance(decision, Proceed):
+            try:
+                await anyio.lowlevel.checkpoint()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    await _run(engine, store_call, engine.release, decision)
+                raise
         if decision is not None:
             return decision
+
+
+async def _run(
+    engine: IdempotencyEngine,
+    store_call: StoreCall | None,
+    function: Callable[..., T],
+    *args: Any,
+) -> T:
+    if store_call is not None:
+        return await store_call(function, *args)
+    if engine.store_blocks:
+        return await anyio.to_thread.run_sync(function, *args)
+    return function(*args)
 
 
 # WSGI ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from idem_middleware.config import IdempotencyConfig
@@ -402,3 +403,43 @@ def test_waiting_over_every_backend(persistence_layer: BasePersistenceLayer) -> 
     taken_over = wait_for_answer(engine, waiters[1], sleep=world.sleep)
     assert isinstance(taken_over, Proceed)
     assert taken_over.lease.lease_id != outcomes[0].lease.lease_id
+
+
+class GatedClaims(InMemoryPersistenceLayer):
+    blocking_io = True
+    gated = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def _put_record(self, data_record: Any) -> None:
+        if self.gated:
+            self.entered.set()
+            assert self.gate.wait(10)
+        super()._put_record(data_record)
+
+
+def test_a_client_gone_while_its_poll_claims_the_key_leaves_the_key_free() -> None:
+    layer = GatedClaims()
+    world = World(layer)
+    first = world.first()
+    conflict = world.duplicate()
+    world.engine.release(first, 500)
+    layer.gated = True
+
+    async def fast_sleep(seconds: float) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        with anyio.move_on_after(0.05) as scope:
+            threading.Timer(0.2, layer.gate.set).start()  # the claim lands after the cancel
+            await wait_for_answer_async(world.engine, conflict, sleep=fast_sleep)
+        assert scope.cancelled_caught
+
+    anyio.run(main)
+
+    assert layer.entered.is_set()
+    assert world.names() == ["claimed", "released", "claimed", "released"]
+    assert layer.record_count == 0  # a retry can run at once, not after the lease
