@@ -23,21 +23,22 @@ $(DYNAMODB_LOCAL):
 	fi
 
 test: $(BIN)/tox $(DYNAMODB_LOCAL)
-	$(BIN)/tox run -e py,lint,type
+	$(BIN)/tox run -e py,lint,type,pkg
 
-# The demo runs from .venv itself (the example apps live in this checkout, next to the package):
-# an editable install with the demo's dependencies, redone only when pyproject.toml changes.
+# The demo is checkout tooling (tooling/demo, next to example_apps/), not part of the package: it
+# runs from .venv, with an editable install and the `demo` dependency group of pyproject.toml
+# (pip >= 25.1), redone only when pyproject.toml changes.
 DEMO_STAMP := $(VENV)/.demo-installed
 
 $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	$(BIN)/python -m pip install --quiet -e . --group demo
 	touch $@
 
-# `make demo DEMO_ARGS="--store memory"` passes options on to `idem-middleware demo`.
+# `make demo DEMO_ARGS="--store memory"` passes options on to `python -m tooling.demo`.
 demo: $(DEMO_STAMP)
-	$(BIN)/idem-middleware demo $(DEMO_ARGS)
+	$(BIN)/python -m tooling.demo $(DEMO_ARGS)
 
 # `make bench` runs every benchmark from .venv, with the `bench` extra (the peers measured
 # against are benchmark-only dependencies), and rewrites BENCHMARKS.md and docs/benchmarks.png.

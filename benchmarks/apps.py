@@ -5,7 +5,7 @@ real create handler does; ``GET /health`` answers at once. ``build_*`` take the 
 wrap the app in, the way users add it (``Starlette(middleware=...)``, ``add_middleware``).
 
 The HTTP benchmarks serve the factories at the bottom: ``served_app`` (Starlette, with the
-middleware over the store the example apps' ``IDEM_STORE`` variables name when
+middleware over the store the example apps' ``IDEM_STORE_URL`` names when
 ``BENCH_IDEMPOTENCY=on``) and ``flask_bare`` (the Flask example without its middleware).
 """
 

@@ -39,7 +39,7 @@ import anyio.to_thread
 from benchmarks.inprocess import ASGIApp, Message, call
 from benchmarks.store_roundtrips import CallCounter, dynamodb
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware, IdempotencyWSGIMiddleware
-from idem_middleware.persistence import DynamoDBPersistenceLayer
+from idem_middleware.persistence import BasePersistenceLayer, from_url
 
 ORDER = {"sku": "ABC-123", "qty": 1}
 RESPONSE_BODY = b'{"id":"ord_1","status":"created","sku":"ABC-123","qty":1}'
@@ -100,6 +100,10 @@ def _client(endpoint_url: str) -> Any:
     )
 
 
+def _layer(table: str, client: Any) -> BasePersistenceLayer:
+    return from_url(f"dynamodb://{table}", boto3_client=client)
+
+
 class OursASGI:
     """The ASGI middleware on an event loop; store calls go to worker threads."""
 
@@ -111,7 +115,7 @@ class OursASGI:
         self.apps: dict[bool, ASGIApp] = {
             cached: IdempotencyMiddleware(
                 order_app,
-                persistence_layer=DynamoDBPersistenceLayer(table, boto3_client=self.client),
+                persistence_layer=_layer(table, self.client),
                 config=IdempotencyConfig(use_local_cache=cached),
             )
             for cached in (False, True)
@@ -146,7 +150,7 @@ class OursWSGI:
         self.apps = {
             cached: IdempotencyWSGIMiddleware(
                 order_wsgi_app,
-                persistence_layer=DynamoDBPersistenceLayer(table, boto3_client=self.client),
+                persistence_layer=_layer(table, self.client),
                 config=IdempotencyConfig(use_local_cache=cached),
             )
             for cached in (False, True)
@@ -293,7 +297,7 @@ def _put_item_floor(client: Any, table: str, samples: int) -> float:
 def run_against(endpoint_url: str, implementation: str, rounds: int, per_round: int) -> Any:
     table = f"idem-bench-{uuid.uuid4().hex[:8]}"
     admin = _client(endpoint_url)
-    DynamoDBPersistenceLayer(table, boto3_client=admin).create_table()
+    _layer(table, admin).create_table()
     libraries = [
         OursASGI(endpoint_url, table),
         PowertoolsFromLoop(endpoint_url, table),

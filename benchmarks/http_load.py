@@ -105,17 +105,19 @@ def _store_env(store: str | None, workdir: Path, dynamodb_url: str, table: str) 
     env = dict(CREDENTIALS)
     if store is None:
         return env
-    env["IDEM_STORE"] = store
     env["BENCH_IDEMPOTENCY"] = "on"
-    env["IDEM_SQLITE_PATH"] = str(workdir / f"idempotency-{uuid.uuid4().hex[:8]}.sqlite3")
-    env["IDEM_DYNAMODB_ENDPOINT_URL"] = dynamodb_url
-    env["IDEM_DYNAMODB_TABLE"] = table
+    env["IDEM_STORE_URL"] = {
+        "memory": "memory://",
+        "sqlite": f"sqlite:///{workdir}/idempotency-{uuid.uuid4().hex[:8]}.sqlite3",
+        "dynamodb": f"dynamodb://{table}?region={CREDENTIALS['AWS_DEFAULT_REGION']}"
+        f"&endpoint_url={dynamodb_url}",
+    }[store]
     return env
 
 
 @contextmanager
 def serve(target: Target, store: str | None, env: dict[str, str], log_dir: Path) -> Iterator[str]:
-    from tests.support import servers
+    from tooling import servers
 
     if target is STARLETTE:
         server = servers.start_uvicorn(
@@ -251,7 +253,7 @@ def run(seconds: float = 5.0, dynamodb_url: str | None = None) -> HTTPResult:
 def _create_table(endpoint_url: str) -> str:
     import boto3
 
-    from idem_middleware.persistence import DynamoDBPersistenceLayer
+    from idem_middleware.persistence import from_url
 
     table = f"idem-http-{uuid.uuid4().hex[:8]}"
     client = boto3.client(
@@ -261,7 +263,7 @@ def _create_table(endpoint_url: str) -> str:
         aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
     )
-    DynamoDBPersistenceLayer(table, boto3_client=client).create_table()
+    from_url(f"dynamodb://{table}", boto3_client=client).create_table()
     return table
 
 

@@ -1,7 +1,7 @@
 """Store round trips and latency per request through the engine, against DynamoDB Local.
 
-DESIGN.md promises: a new key costs 2 store calls (claim, complete), a replay 1, a replay from
-the local cache 0, and a conflict with an in-flight request 1. This script counts every
+The README promises: a new key costs 2 store calls (claim, complete), a replay 1, a replay from
+the local cache 0; and a conflict with an in-flight request costs 1. This script counts every
 DynamoDB API call the boto3 client makes (a ``before-call.dynamodb`` event hook) for each
 request and exits non-zero when a count differs from the promise::
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from idem_middleware.config import IdempotencyConfig
 from idem_middleware.engine import IdempotencyEngine, Proceed, Respond
-from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
+from idem_middleware.persistence import BasePersistenceLayer, from_url
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
 
@@ -118,14 +118,16 @@ def run(endpoint_url: str, requests: int) -> list[Scenario]:
         config=Config(retries={"total_max_attempts": 1}),
     )
     table = f"idem-bench-{uuid.uuid4().hex[:8]}"
-    DynamoDBPersistenceLayer(table, boto3_client=client).create_table()
+    layer: Any = from_url(f"dynamodb://{table}", boto3_client=client)
+    layer.create_table()
     counter = CallCounter(client)  # after create_table: only request traffic is counted
+
+    def store() -> BasePersistenceLayer:
+        return from_url(f"dynamodb://{table}", boto3_client=client)
+
     try:
-        plain = IdempotencyEngine(DynamoDBPersistenceLayer(table, boto3_client=client))
-        cached = IdempotencyEngine(
-            DynamoDBPersistenceLayer(table, boto3_client=client),
-            IdempotencyConfig(use_local_cache=True),
-        )
+        plain = IdempotencyEngine(store())
+        cached = IdempotencyEngine(store(), IdempotencyConfig(use_local_cache=True))
         for i in range(WARMUP_REQUESTS):  # JVM and connection pool warm-up, not measured
             new_key(plain, f"warmup-{i}")
             replay(plain, f"warmup-{i}")
@@ -186,7 +188,7 @@ def dynamodb(endpoint_url: str | None) -> Iterator[tuple[str, str]]:
     if endpoint_url is not None:
         yield endpoint_url, endpoint_url
         return
-    from tests.support import dynamodb_local
+    from tooling import dynamodb_local
 
     server = dynamodb_local.start()
     try:

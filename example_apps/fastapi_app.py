@@ -3,7 +3,7 @@
 Run it::
 
     uvicorn example_apps.fastapi_app:app
-    IDEM_STORE=dynamodb IDEM_DYNAMODB_TABLE=idempotency uvicorn example_apps.fastapi_app:app
+    IDEM_STORE_URL='dynamodb://idempotency?region=eu-west-1' uvicorn example_apps.fastapi_app:app
 
 Then create a payment twice with the same key; the second answer is a replay::
 
@@ -34,21 +34,22 @@ from example_apps.store import (
     user_scope,
 )
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
+from idem_middleware.openapi import document_idempotency
 
 configure_logging()
 ledger = Ledger.from_env()
 
+config = IdempotencyConfig(
+    include_paths=("/payments", "/payments/*/refunds"),
+    require_key=True,
+    scope=user_scope,
+    on_store_error=on_store_error_from_env(),
+)
 app = FastAPI(title="Payments (FastAPI)")
 app.add_middleware(
-    IdempotencyMiddleware,
-    persistence_layer=persistence_layer_from_env(),
-    config=IdempotencyConfig(
-        include_paths=("/payments", "/payments/*/refunds"),
-        require_key=True,
-        scope=user_scope,
-        on_store_error=on_store_error_from_env(),
-    ),
+    IdempotencyMiddleware, persistence_layer=persistence_layer_from_env(), config=config
 )
+document_idempotency(app, config)  # /openapi.json shows the Idempotency-Key header and errors
 
 
 class PaymentIn(BaseModel):

@@ -4,7 +4,7 @@ Run it::
 
     flask --app example_apps.flask_app run
     gunicorn --threads 8 example_apps.flask_app:app
-    IDEM_STORE=sqlite gunicorn --workers 4 example_apps.flask_app:app
+    IDEM_STORE_URL=sqlite:///idempotency.sqlite3 gunicorn --workers 4 example_apps.flask_app:app
 """
 
 from __future__ import annotations

@@ -1,22 +1,23 @@
 """What the example apps share: the idempotency store, the per-user scope and the payments ledger.
 
-The idempotency store is chosen by environment variables, so one app runs unchanged on a laptop
-(``memory``), on one host with several worker processes (``sqlite``) or in a fleet (``dynamodb``,
-``redis``):
+The idempotency store is named by one URL (:func:`idem_middleware.persistence.from_url`), so one
+app runs unchanged on a laptop (``memory://``), on one host with several worker processes
+(``sqlite:///idempotency.sqlite3``) or in a fleet (``dynamodb://…``, ``redis://…``):
 
 ================================ ===========================================================
-``IDEM_STORE``                   ``memory`` (default), ``sqlite``, ``dynamodb`` or ``redis``
-``IDEM_SQLITE_PATH``             database file (default ``idempotency.sqlite3``)
-``IDEM_DYNAMODB_TABLE``          table name (default ``idempotency``)
-``IDEM_DYNAMODB_ENDPOINT_URL``   e.g. ``http://localhost:8000`` for DynamoDB Local
-``IDEM_REDIS_URL``               default ``redis://localhost:6379/0``
+``IDEM_STORE_URL``               ``memory://`` (default), ``sqlite:///idempotency.sqlite3``,
+                                 ``dynamodb://idempotency?region=eu-west-1`` (DynamoDB Local:
+                                 ``&endpoint_url=http://localhost:8000``),
+                                 ``redis://localhost:6379/0``
 ``IDEM_ON_STORE_ERROR``          ``reject`` (default: 503) or ``passthrough`` (run, warn)
 ``EXAMPLE_LEDGER_PATH``          SQLite file of payments (unset: in memory, one process)
 ``EXAMPLE_CHARGE_DELAY_SECONDS`` simulated card-processor latency (default ``0``)
 ``LOG_LEVEL``                    ``INFO`` logs every decision of the middleware
 ================================ ===========================================================
 
-``memory`` deduplicates within one process only: with several workers, pick another store.
+``memory://`` deduplicates within one process only: with several workers, pick another store.
+A payment request should not wait a minute on an unreachable store: give DynamoDB short client
+timeouts in the URL (``&connect_timeout=1&read_timeout=3&max_attempts=2``).
 """
 
 from __future__ import annotations
@@ -35,50 +36,20 @@ from typing import Any, cast
 
 from idem_middleware import IdempotencyRequest
 from idem_middleware.config import StoreErrorPolicy
-from idem_middleware.persistence import BasePersistenceLayer, InMemoryPersistenceLayer
+from idem_middleware.persistence import BasePersistenceLayer, from_url
 
 # Idempotency store --------------------------------------------------------------------------
 
 
 def persistence_layer_from_env(env: Mapping[str, str] = os.environ) -> BasePersistenceLayer:
-    """The idempotency store named by ``IDEM_STORE``. Optional backends are imported only when
-    chosen, so the ``memory`` store needs neither boto3 nor redis.
+    """The idempotency store ``IDEM_STORE_URL`` names. Optional backends are imported only when
+    named, so ``memory://`` needs neither boto3 nor redis.
     """
-    store = env.get("IDEM_STORE", "memory")
-    if store == "memory":
-        return InMemoryPersistenceLayer()
-    if store == "sqlite":
-        from idem_middleware.persistence import SQLitePersistenceLayer
-
-        return SQLitePersistenceLayer(env.get("IDEM_SQLITE_PATH", "idempotency.sqlite3"))
-    if store == "dynamodb":
-        return _dynamodb_layer(env)
-    if store == "redis":
-        from idem_middleware.persistence import RedisPersistenceLayer
-
-        return RedisPersistenceLayer(url=env.get("IDEM_REDIS_URL", "redis://localhost:6379/0"))
-    raise ValueError(f"IDEM_STORE={store!r}: expected memory, sqlite, dynamodb or redis")
-
-
-def _dynamodb_layer(env: Mapping[str, str]) -> BasePersistenceLayer:
-    import boto3
-    from botocore.config import Config
-
-    from idem_middleware.persistence import DynamoDBPersistenceLayer
-
-    client = boto3.client(
-        "dynamodb",
-        endpoint_url=env.get("IDEM_DYNAMODB_ENDPOINT_URL") or None,
-        # Fail fast: a payment request should not wait a minute on an unreachable store.
-        config=Config(
-            connect_timeout=1,
-            read_timeout=3,
-            retries={"mode": "standard", "total_max_attempts": 2},
-        ),
-    )
-    return DynamoDBPersistenceLayer(
-        table_name=env.get("IDEM_DYNAMODB_TABLE", "idempotency"), boto3_client=client
-    )
+    url = env.get("IDEM_STORE_URL", "memory://")
+    try:
+        return from_url(url)
+    except ValueError as exc:
+        raise ValueError(f"IDEM_STORE_URL: {exc}") from None
 
 
 def on_store_error_from_env(env: Mapping[str, str] = os.environ) -> StoreErrorPolicy:

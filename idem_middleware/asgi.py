@@ -1,7 +1,24 @@
-"""IdempotencyMiddleware: pure ASGI middleware for FastAPI, Starlette and any ASGI app."""
+"""IdempotencyMiddleware: pure ASGI middleware for FastAPI, Starlette and any ASGI app.
+
+A covered request's body is read before its key is claimed; with header keys, a request that
+carries no key passes through with its body unread.
+
+Responses: a body sent in one message (as most are) is recorded, then sent. A streamed body
+(``StreamingResponse``: server-sent events, token streams, exports) goes out message by message
+as the app sends it, keeping a copy up to the stored-size limit; only the message that completes
+the response (and a chunk that completes a declared Content-Length) waits until the record is
+completed, so a client never holds a complete response that was not recorded. Retries while it
+streams get 409, later ones the whole stream. An app that raises releases the key; once it has
+started a response that is stored, a client that goes away never does: the record keeps status
+and headers (``Idempotent-Body-Omitted``), so the handler never runs twice.
+
+At lifespan startup the persistence layer is checked (``check()``); a store it cannot use fails
+the server's startup with a message naming the problem.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -23,6 +40,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 T = TypeVar("T")
 
+logger = logging.getLogger("idem_middleware")
+
 # Server extensions that let an app send a response we could not capture (a file path, trailers).
 _UNCAPTURABLE_EXTENSIONS = (
     "http.response.pathsend",
@@ -36,13 +55,15 @@ class IdempotencyMiddleware:
 
     ``app.add_middleware(IdempotencyMiddleware, persistence_layer=..., config=...)`` or
     ``IdempotencyMiddleware(app, persistence_layer=..., config=...)``. Requests the config does not
-    cover (other methods, excluded paths, websockets, lifespan) pass straight through, unbuffered.
+    cover (other methods, excluded paths, websockets) pass straight through, unbuffered.
     """
 
     #: A store that blocks (DynamoDB, SQLite, Redis) is called from worker threads, at most this
-    #: many at once per event loop. More threads add no throughput - they take turns at the GIL,
-    #: and the event loop queues behind them (BENCHMARKS.md: the p99 of an uncovered request
-    #: under load) - and would take anyio's shared pool from the app's sync endpoints.
+    #: many claims at once per event loop, and as many completions and releases in a lane of
+    #: their own (a finished request never waits behind new claims). More threads add no
+    #: throughput - they take turns at the GIL, and the event loop queues behind them
+    #: (BENCHMARKS.md: the p99 of an uncovered request under load) - and would take anyio's
+    #: shared pool from the app's sync endpoints.
     max_store_threads: int = 8
 
     def __init__(
@@ -54,27 +75,96 @@ class IdempotencyMiddleware:
     ) -> None:
         self.app = app
         self.engine = IdempotencyEngine(persistence_layer, config)
-        # One limiter per event loop, as anyio keeps its own default thread limiter.
+        # Limiters per event loop, as anyio keeps its own default thread limiter.
         self._store_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"store-limiter-{id(self)}")
+        self._finish_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"finish-limiter-{id(self)}")
 
     def store_limiter(self) -> anyio.CapacityLimiter:
-        """The limiter of this middleware's store threads in the running event loop."""
+        """The limiter of this middleware's claims in the running event loop."""
+        return self._limiter(self._store_limiter)
+
+    def finish_limiter(self) -> anyio.CapacityLimiter:
+        """The limiter of this middleware's completions and releases in the running event loop."""
+        return self._limiter(self._finish_limiter)
+
+    def _limiter(self, var: RunVar[anyio.CapacityLimiter]) -> anyio.CapacityLimiter:
         try:
-            return self._store_limiter.get()
+            return var.get()
         except LookupError:
             limiter = anyio.CapacityLimiter(self.max_store_threads)
-            self._store_limiter.set(limiter)
+            var.set(limiter)
             return limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await LifespanCheck(self, receive, send).run(scope)
+            else:
+                await self.app(scope, receive, send)
             return
         path = route_path(scope)
         if not self.engine.covers(scope["method"], path):
             await self.app(scope, receive, send)
             return
         await IdempotentExchange(self, scope, receive, send, path).run()
+
+    async def store_problem(self) -> str | None:
+        """Why the persistence layer cannot serve requests, or ``None`` when it can."""
+        layer = self.engine.persistence_layer
+        try:
+            if self.engine.store_blocks:
+                await anyio.to_thread.run_sync(layer.check)
+            else:
+                layer.check()
+        except Exception as exc:  # any failure, not only the documented one, fails startup
+            return f"idempotency store unusable ({type(layer).__name__}): {exc}"
+        return None
+
+
+class LifespanCheck:
+    """The app's lifespan, with the store checked once the app's own startup is complete (it
+    may have created the table). A store that cannot be used fails the server's startup with a
+    message naming the problem, rather than every request answering 503; the app is shut down
+    first, so it releases what its startup acquired. Under ``on_store_error="passthrough"`` the
+    app is meant to run without its store: the problem is logged and startup goes on.
+    """
+
+    def __init__(self, middleware: IdempotencyMiddleware, receive: Receive, send: Send) -> None:
+        self.middleware = middleware
+        self.server_receive = receive
+        self.server_send = send
+        self.problem: str | None = None
+        self.reported = False
+
+    async def run(self, scope: Scope) -> None:
+        await self.middleware.app(scope, self.receive, self.send)
+        if self.problem is not None and not self.reported:  # the app ended without shutting down
+            await self.report()
+
+    async def receive(self) -> Message:
+        if self.problem is not None:
+            return {"type": "lifespan.shutdown"}
+        return await self.server_receive()
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            problem = await self.middleware.store_problem()
+            if problem is not None:
+                if self.middleware.engine.config.on_store_error == "passthrough":
+                    logger.warning("%s; requests run un-deduplicated until it is fixed", problem)
+                else:
+                    self.problem = problem
+                    return  # the app shuts down first (its next receive), then the server hears
+        elif self.problem is not None and kind.startswith("lifespan.shutdown."):
+            await self.report()
+            return
+        await self.server_send(message)
+
+    async def report(self) -> None:
+        self.reported = True
+        assert self.problem is not None
+        await self.server_send({"type": "lifespan.startup.failed", "message": self.problem})
 
 
 def route_path(scope: Scope) -> str:
@@ -115,12 +205,23 @@ class IdempotentExchange:
         self.body_delivered = False
         self.attempt: Proceed | None = None
         self.start_message: Message | None = None
-        self.chunks: list[bytes] = []
-        self.buffered_bytes = 0
-        self.streaming = False
-        self.finished = False
+        self.copy = self.engine.sizes.response_copy()  # the body the app sent, for the record
+        self.held: list[bytes] = []  # body the client must not get before the record
+        self.declared_length: int | None = None
+        self.sending = False  # the start message went out: the body streams
+        self.passing = False  # a status that is not stored: released, messages pass untouched
+        self.finished = False  # completed or released: nothing more to do with the key
+        self.send_failed = False  # the server could not send to the client: it went away
 
     async def run(self) -> None:
+        headers = Headers.from_asgi(self.scope["headers"])
+        early = self.engine.decide_before_body(self.scope["method"], self.path, headers)
+        if early is not None:
+            if isinstance(early, Respond):
+                await self.send_stored(early.response)
+            else:  # no key: the app reads its own body, unbuffered
+                await self.app(self.scope, self.receive, self.send)
+            return
         body = await self.read_body()
         if body is None:  # the client went away before sending its body: claim nothing
             return
@@ -132,7 +233,7 @@ class IdempotentExchange:
             method=self.scope["method"],
             path=self.path,
             query_string=self.scope.get("query_string", b"").decode("latin-1"),
-            headers=Headers.from_asgi(self.scope["headers"]),
+            headers=headers,
             body=body,
             raw=self.scope,
         )
@@ -151,10 +252,14 @@ class IdempotentExchange:
 
     async def read_body(self) -> bytes | Respond | None:
         """The whole request body, counted while reading; a 413 decision past the limit."""
-        limit = self.engine.config.max_request_body_bytes
+        sizes = self.engine.sizes
         method, path = self.scope["method"], self.path
         for name, value in self.scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
+            if (
+                name == b"content-length"
+                and value.isdigit()
+                and sizes.request_body_too_large(int(value))
+            ):
                 return self.engine.body_too_large(method, path)
         chunks: list[bytes] = []
         size = 0
@@ -164,7 +269,7 @@ class IdempotentExchange:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
+            if sizes.request_body_too_large(size):
                 return self.engine.body_too_large(method, path)
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -195,47 +300,93 @@ class IdempotentExchange:
         except BaseException:
             if not self.finished:
                 with anyio.CancelScope(shield=True):
-                    await self.store_call(self.engine.release, attempt)
+                    # An app that raises releases, unless what it raised came from a send to a
+                    # client that went away (ASGI 2.4; Starlette raises ClientDisconnect).
+                    await self.unfinished(attempt, cut_short=self.send_failed)
             raise
-        if not self.finished:  # the app returned without completing a response
-            await self.store_call(self.engine.release, attempt)
+        if not self.finished:
+            # The app returned mid-response: a client that went away stopped it (Starlette's
+            # StreamingResponse listens for http.disconnect).
+            await self.unfinished(attempt, cut_short=True)
+
+    async def unfinished(self, attempt: Proceed, *, cut_short: bool) -> None:
+        """The app stopped before its response was complete. Once it started a response that is
+        stored, a client's hang-up never frees the key: the record keeps status and headers.
+        An app that failed (or sent no response) releases it, so a retry runs again.
+        """
+        self.finished = True
+        if cut_short and self.start_message is not None:
+            response = self.captured_response(b"", body_omitted=True)
+            await self.finish_call(self.engine.complete, attempt, response)
+        else:
+            await self.finish_call(self.engine.release, attempt)
 
     async def capture(self, message: Message) -> None:
-        """The app's ``send``: hold the response until it is complete and persisted."""
-        if self.streaming:
+        """The app's ``send``: the body goes out as the app sends it, but the message that
+        completes the response waits until the record is completed.
+        """
+        if self.passing:
             await self.send(message)
             return
         assert self.attempt is not None
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.start":
             self.start_message = message
-            if not self.engine.stores(message["status"]):
+            status = message["status"]
+            if not self.engine.stores(status):
                 # Not stored (a 5xx by default): release now and let the response through.
-                self.finished = self.streaming = True
-                await self.store_call(self.engine.release, self.attempt, message["status"])
+                self.finished = self.passing = True
+                await self.finish_call(self.engine.release, self.attempt, status)
                 await self.send(message)
             return
-        if message["type"] != "http.response.body":
+        if kind != "http.response.body":
             await self.send(message)
             return
         chunk = message.get("body", b"")
-        more_body = message.get("more_body", False)
-        if not more_body and not self.chunks:
-            body = chunk  # the whole body in one message, as most responses come
-        else:
-            self.chunks.append(chunk)
-            self.buffered_bytes += len(chunk)
-            if more_body and self.buffered_bytes <= self.engine.max_stored_response_bytes:
+        if not message.get("more_body", False):
+            if self.sending or self.copy.size:
+                await self.complete_stream(chunk)
                 return
-            body = b"".join(self.chunks)
-            self.chunks.clear()
-        over_limit = len(body) > self.engine.max_stored_response_bytes
-        response = self.captured_response(b"" if over_limit else body, body_omitted=over_limit)
+            # The whole body in one message, as most responses come: inline, it is the hot path.
+            assert self.start_message is not None
+            over_limit = not self.engine.sizes.stores_body(len(chunk))
+            response = self.captured_response(b"" if over_limit else chunk, body_omitted=over_limit)
+            self.finished = True
+            await self.finish_call(self.engine.complete, self.attempt, response)
+            await self.send(self.start_message)
+            await self.send(message)
+            return
+        if not self.sending and not self.copy.size:  # the first chunk of a stream
+            self.declared_length = _declared_length(self.start_message)
+        self.copy.add(chunk)
+        if self.held or (
+            self.declared_length is not None and self.copy.size >= self.declared_length
+        ):
+            self.held.append(chunk)  # the client would hold the whole response: not yet
+            return
+        await self.forward(message)
+
+    async def complete_stream(self, chunk: bytes) -> None:
+        assert self.attempt is not None
+        self.copy.add(chunk)
+        kept = self.copy.body
+        response = self.captured_response(b"" if kept is None else kept, body_omitted=kept is None)
         self.finished = True
-        await self.store_call(self.engine.complete, self.attempt, response)
-        assert self.start_message is not None
-        await self.send(self.start_message)
-        await self.send({"type": "http.response.body", "body": body, "more_body": more_body})
-        self.streaming = more_body
+        await self.finish_call(self.engine.complete, self.attempt, response)
+        body = b"".join([*self.held, chunk]) if self.held else chunk
+        self.held.clear()
+        await self.forward({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def forward(self, message: Message) -> None:
+        try:
+            if not self.sending:
+                assert self.start_message is not None
+                self.sending = True
+                await self.send(self.start_message)
+            await self.send(message)
+        except OSError:  # ASGI 2.4: the client went away
+            self.send_failed = True
+            raise
 
     def captured_response(self, body: bytes, *, body_omitted: bool = False) -> StoredResponse:
         assert self.start_message is not None
@@ -265,8 +416,26 @@ class IdempotentExchange:
         await self.send({"type": "http.response.body", "body": response.body})
 
     async def store_call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run an engine step that may touch the store, off the event loop when it blocks."""
+        """Run a claim, off the event loop when the store blocks."""
         if self.engine.store_blocks:
             limiter = self.middleware.store_limiter()
             return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
         return function(*args)
+
+    async def finish_call(self, function: Callable[..., None], *args: Any) -> None:
+        """Run a completion or a release, off the event loop when the store blocks, in a lane of
+        their own: a request that is done never queues behind new claims for a store thread.
+        """
+        if self.engine.store_blocks:
+            limiter = self.middleware.finish_limiter()
+            await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+        else:
+            function(*args)
+
+
+def _declared_length(start_message: Message | None) -> int | None:
+    """The Content-Length the app declared: once sent that much, the client holds it all."""
+    for name, value in start_message.get("headers", ()) if start_message else ():
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None

@@ -24,7 +24,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,6 +47,7 @@ from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRE
 from idem_middleware.request import IdempotencyRequest
 from idem_middleware.responses import StoredResponse, problem_response
 from idem_middleware.routes import compile_paths
+from idem_middleware.sizes import SizeLimits
 
 logger = logging.getLogger("idem_middleware")
 
@@ -156,11 +157,7 @@ class IdempotencyEngine:
         #: ``release`` in a worker thread when they do.
         self.store_blocks = persistence_layer.blocking_io
         #: Response bodies up to this size are stored and replayed; larger ones stream through.
-        self.max_stored_response_bytes = (
-            self.config.max_stored_response_bytes
-            if self.config.max_stored_response_bytes is not None
-            else persistence_layer.max_response_bytes
-        )
+        self.sizes = SizeLimits.resolve(self.config, persistence_layer.max_response_bytes)
         self._methods = _all_cases(self.config.methods)
         self._include = _compile_globs(self.config.include_paths)
         self._exclude = _compile_globs(self.config.exclude_paths or None)
@@ -184,6 +181,26 @@ class IdempotencyEngine:
         if self._include is not None and not self._include.fullmatch(path):
             return False
         return not (self._exclude is not None and self._exclude.fullmatch(path))
+
+    def decide_before_body(
+        self, method: str, path: str, headers: Mapping[str, str]
+    ) -> PassThrough | Respond | None:
+        """The decision on a covered request that its headers alone settle, or ``None`` when
+        its body must be read. With header keys, a request without the header passes through
+        unbuffered (or is refused under ``require_key``): an upload without a key is none of
+        the middleware's business, whatever its size.
+        """
+        if self.config.key_source != "header" or self.config.header_name in headers:
+            return None
+        if self.config.require_key:
+            return self._refuse(
+                method,
+                path,
+                IdempotencyKeyMissingError(
+                    f"this endpoint requires an {self.config.header_name} header"
+                ),
+            )
+        return PASS_THROUGH
 
     def body_too_large(self, method: str, path: str) -> Respond:
         """The 413 answer to a body over ``max_request_body_bytes``; the app does not run."""
@@ -472,12 +489,18 @@ class IdempotencyEngine:
         """The response as stored: no excluded header, no body over the stored-size limit."""
         excluded = self._excluded_headers
         headers = [header for header in response.headers if header[0].lower() not in excluded]
-        if len(response.body) > self.max_stored_response_bytes:
-            return StoredResponse(response.status, tuple(headers), b"", body_omitted=True)
+        if not self.sizes.stores_body(len(response.body)):
+            return StoredResponse(
+                response.status, tuple(headers), b"", body_omitted=True, reason=response.reason
+            )
         if len(headers) == len(response.headers):
             return response  # immutable, and already what is to be stored
         return StoredResponse(
-            response.status, tuple(headers), response.body, body_omitted=response.body_omitted
+            response.status,
+            tuple(headers),
+            response.body,
+            body_omitted=response.body_omitted,
+            reason=response.reason,
         )
 
     def release(self, attempt: Proceed, status: int | None = None) -> None:

@@ -21,14 +21,6 @@ class Headers(Mapping[str, str]):
         self._raw: Sequence[tuple[bytes, bytes]] = ()
 
     @classmethod
-    def from_lowercase(cls, items: list[tuple[str, str]]) -> Headers:
-        """Wrap pairs whose names are already lower-case without copying."""
-        headers = cls.__new__(cls)
-        headers._items = items
-        headers._raw = ()
-        return headers
-
-    @classmethod
     def from_asgi(cls, raw: Sequence[tuple[bytes, bytes]]) -> Headers:
         """Wrap an ASGI scope's ``headers`` (lower-case names, latin-1 bytes) as they are.
 
@@ -64,6 +56,23 @@ class Headers(Mapping[str, str]):
             if key == name:
                 return value
         raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        # Asked of every covered request (is there a key?): spared Mapping's KeyError round trip,
+        # and written as loops, which cost less than any() over a generator.
+        if not isinstance(name, str):
+            return False
+        name = name.lower()
+        if self._items is None:
+            raw_name = _raw_name(name)
+            for raw_key, _ in self._raw:  # noqa: SIM110
+                if raw_key == raw_name:
+                    return True
+            return False
+        for key, _ in self._items:  # noqa: SIM110
+            if key == name:
+                return True
+        return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(dict.fromkeys(key for key, _ in self._decoded()))

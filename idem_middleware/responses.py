@@ -23,29 +23,43 @@ class StoredResponse:
     """A complete HTTP response as captured from the app and replayed to retries.
 
     Header names keep the case the app sent; values are ``str`` decoded as latin-1, so any byte an
-    app can put in a header survives the round trip.
+    app can put in a header survives the round trip. ``reason`` is the WSGI status line's reason
+    phrase as the app wrote it (``"CREATED"``); ``None`` under ASGI, which has none.
     """
 
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
     body_omitted: bool = False
+    reason: str | None = None
 
     def without_body(self) -> StoredResponse:
         """The record kept when the body is over the stored-size limit."""
-        return StoredResponse(self.status, self.headers, b"", body_omitted=True)
+        return StoredResponse(self.status, self.headers, b"", body_omitted=True, reason=self.reason)
 
     def for_replay(self, replay_header: str) -> StoredResponse:
         """The response a retry gets: stored fields, a fresh Content-Length, the replay marker."""
         # Built field by field rather than with dataclasses.replace, which costs a replay more
         # than everything else here together.
-        headers = [header for header in self.headers if header[0].lower() != "content-length"]
+        # Content-Length keeps the name and place the app gave it, so a replay is byte-exact.
+        length: str | None = None
         if self.status not in _BODILESS_STATUSES and not 100 <= self.status < 200:
-            headers.append(("content-length", str(len(self.body))))
+            length = str(len(self.body))
+        headers = []
+        for header in self.headers:
+            if header[0].lower() != "content-length":
+                headers.append(header)
+            elif length is not None:
+                headers.append((header[0], length))
+                length = None
+        if length is not None:
+            headers.append(("content-length", length))
         headers.append((replay_header, "true"))
         if self.body_omitted:
             headers.append((BODY_OMITTED_HEADER, "true"))
-        return StoredResponse(self.status, tuple(headers), self.body, self.body_omitted)
+        return StoredResponse(
+            self.status, tuple(headers), self.body, self.body_omitted, self.reason
+        )
 
     def encode(self) -> str:
         """Serialise to the JSON string kept in a record's ``data`` attribute.
@@ -60,6 +74,8 @@ class StoredResponse:
             document["body_b64"] = base64.b64encode(self.body).decode("ascii")
         if self.body_omitted:
             document["body_omitted"] = True
+        if self.reason is not None:
+            document["reason"] = self.reason
         return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
@@ -71,11 +87,13 @@ class StoredResponse:
                 body = base64.b64decode(document["body_b64"], validate=True)
             else:
                 body = document.get("body", "").encode("utf-8")
+            reason = document.get("reason")  # absent from records stored before it was kept
             return cls(
                 status=int(document["status"]),
                 headers=tuple((str(name), str(value)) for name, value in document["headers"]),
                 body=body,
                 body_omitted=bool(document.get("body_omitted", False)),
+                reason=None if reason is None else str(reason),
             )
         except (KeyError, TypeError, AttributeError, binascii.Error, json.JSONDecodeError) as exc:
             raise ValueError(f"not a stored response: {exc}") from exc

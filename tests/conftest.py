@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from idem_middleware.persistence.base import BasePersistenceLayer
-from tests.support import dynamodb_local, redis_server
 from tests.support.backends import backend_params
+from tooling import dynamodb_local, postgres_server, redis_server
 
 # Credentials for DynamoDB Local / moto; never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -63,6 +63,23 @@ def redis_url() -> Iterator[str]:
             raise RuntimeError(f"no Redis server: {server.implementation} does not answer PING")
         SERVICES_USED["Redis"] = f"{server.implementation} at {server.url}"
         yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_conninfo() -> Iterator[str]:
+    """A database of the session's own, dropped at the end, on the PostgreSQL server at
+    IDEM_TEST_POSTGRES_DSN (default 127.0.0.1:5432) or, where none answers, a private one.
+    """
+    server = postgres_server.start()
+    try:
+        name, conninfo = server.create_database()
+        SERVICES_USED["PostgreSQL"] = f"{server.implementation} (database {name})"
+        try:
+            yield conninfo
+        finally:
+            server.drop_database(name)
     finally:
         server.stop()
 

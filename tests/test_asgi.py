@@ -13,7 +13,7 @@ import pytest
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
 from idem_middleware.asgi import route_path
 from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
-from idem_middleware.persistence.record import STATUS_COMPLETED
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
 
 pytestmark = pytest.mark.anyio
 
@@ -106,9 +106,13 @@ async def test_non_http_scopes_pass_straight_through() -> None:
 
     middleware = IdempotencyMiddleware(app, persistence_layer=InMemoryPersistenceLayer())
     client = Client()
-    for scope in ({"type": "lifespan"}, {"type": "websocket", "path": "/ws", "headers": []}):
-        await middleware(scope, client.receive, client.send)
-        assert seen[-1] == (scope, client.receive, client.send)
+    scope = {"type": "websocket", "path": "/ws", "headers": []}
+    await middleware(scope, client.receive, client.send)
+    assert seen[-1] == (scope, client.receive, client.send)
+    # Lifespan reaches the app too, its messages watched to check the store at startup.
+    lifespan = {"type": "lifespan"}
+    await middleware(lifespan, client.receive, client.send)
+    assert seen[-1][0] is lifespan
 
 
 async def test_uncovered_requests_are_not_buffered() -> None:
@@ -212,7 +216,13 @@ async def test_app_receives_the_body_then_the_servers_own_messages() -> None:
 
 async def test_record_is_completed_before_the_response_is_sent() -> None:
     layer = InMemoryPersistenceLayer()
-    middleware = IdempotencyMiddleware(chunked_app([]), persistence_layer=layer)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"whole"})
+
+    middleware = IdempotencyMiddleware(app, persistence_layer=layer)
     statuses_at_send: list[str] = []
     client = Client()
 
@@ -221,8 +231,27 @@ async def test_record_is_completed_before_the_response_is_sent() -> None:
         await client.send(message)
 
     await middleware(http_scope(), client.receive, send)
-    assert statuses_at_send
-    assert set(statuses_at_send) == {STATUS_COMPLETED}
+    assert statuses_at_send == [STATUS_COMPLETED, STATUS_COMPLETED]
+
+
+async def test_streamed_body_goes_out_at_once_and_its_final_message_after_the_record() -> None:
+    layer = InMemoryPersistenceLayer()
+    middleware = IdempotencyMiddleware(chunked_app([]), persistence_layer=layer)
+    sent: list[tuple[str, bool, list[str]]] = []
+    client = Client()
+
+    async def send(message: Message) -> None:
+        statuses = [record.status for record in layer._records.values()]
+        sent.append((message["type"], message.get("more_body", False), statuses))
+        await client.send(message)
+
+    await middleware(http_scope(), client.receive, send)
+    assert sent == [
+        ("http.response.start", False, [STATUS_INPROGRESS]),
+        ("http.response.body", True, [STATUS_INPROGRESS]),
+        ("http.response.body", True, [STATUS_INPROGRESS]),
+        ("http.response.body", False, [STATUS_COMPLETED]),
+    ]
 
 
 @pytest.mark.parametrize("when", ["before_start", "after_start", "mid_body"])
@@ -244,7 +273,12 @@ async def test_app_exception_releases_the_record_and_propagates_unchanged(when: 
         await middleware(http_scope(), client.receive, client.send)
     assert raised.value is error
     assert layer._records == {}
-    assert client.sent == []  # nothing half-sent: the server can still answer 500
+    # Nothing complete was sent: before the start the server can still answer 500; a streamed
+    # body that broke never got its final message.
+    assert not any(
+        m["type"] == "http.response.body" and not m.get("more_body") for m in client.sent
+    )
+    assert bool(client.sent) == (when == "mid_body")
 
 
 async def test_exception_after_the_response_was_sent_keeps_the_record() -> None:

@@ -1,4 +1,4 @@
-"""The ``idem-middleware`` command: create-table, inspect, delete, and its one-line errors.
+"""The ``idem-middleware`` command: create-table, inspect, delete, --version, one-line errors.
 
 Commands run in-process through ``main(argv)`` (output captured by ``capsys``), plus one run of
 the installed console script. Records are written with the persistence layers the middleware
@@ -21,13 +21,12 @@ from typing import Any
 import pytest
 
 import idem_middleware
-from idem_middleware import demo
 from idem_middleware.cli import main
 from idem_middleware.config import IdempotencyConfig
-from idem_middleware.demo.servers import free_port
 from idem_middleware.keys import header_key_material
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.responses import StoredResponse
+from tooling.processes import free_port
 
 REGION = "us-east-1"
 PAYMENT_BODY = b'{"id":"pay_1","amount":1250}'
@@ -80,13 +79,28 @@ def assert_inspect_shows_the_record(out: str, stored_key: str) -> None:
 # Help -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["create-table", "inspect", "delete", "demo"])
+@pytest.mark.parametrize("command", ["create-table", "inspect", "delete"])
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
     code, out, _ = run(capsys, command, "--help")
 
     assert code == 0
     assert out.startswith(f"usage: idem-middleware {command}")
     assert "example" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+
+    assert code == 0
+    assert out == f"idem-middleware {idem_middleware.__version__}\n"
+
+
+def test_the_demo_is_not_a_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo needs the checkout: it is ``make demo``, not part of the installed command."""
+    code, _, err = run(capsys, "demo")
+
+    assert code == 2
+    assert "invalid choice: 'demo'" in err
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -264,6 +278,47 @@ def test_inspect_and_delete_on_sqlite(
     assert f"removed the record {stored_key}" in out
     assert_one_line_error(run(capsys, "inspect", "order-1234", *store), "no live record")
     assert layer.save_inprogress(stored_key, HASH).status == "INPROGRESS", "the key runs again"
+
+
+def test_store_by_url(
+    capsys: pytest.CaptureFixture[str], sqlite_store: tuple[BasePersistenceLayer, Path]
+) -> None:
+    """``--url`` takes the URL the app gives ``from_url``; inspect still creates no file."""
+    layer, path = sqlite_store
+    stored_key = complete(layer, "order-1234", "user:alice")
+
+    code, out, err = run(
+        capsys, "inspect", "order-1234", "--url", f"sqlite:///{path}", "--scope", "user:alice"
+    )
+    assert code == 0, err
+    assert_inspect_shows_the_record(out, stored_key)
+
+    missing = path.with_name("missing.sqlite3")
+    assert_one_line_error(
+        run(capsys, "inspect", "k", "--url", f"sqlite:///{missing}"), "no SQLite file at"
+    )
+    assert not missing.exists()
+    closed = f"postgresql://app:s3cret@127.0.0.1:{free_port()}/idem"
+    message = assert_one_line_error(
+        run(capsys, "inspect", "k", "--url", closed), "cannot use the store"
+    )
+    assert "s3cret" not in message
+    assert_one_line_error(
+        run(capsys, "delete", "k", "--url", "sqlite:///x.sqlite3", "--table", "t"),
+        "name one store",
+    )
+
+
+@pytest.mark.dynamodb
+def test_missing_table_by_url(capsys: pytest.CaptureFixture[str], dynamodb_endpoint: str) -> None:
+    table = f"idem-missing-{uuid.uuid4().hex[:8]}"
+    url = f"dynamodb://{table}?region={REGION}&endpoint_url={dynamodb_endpoint}"
+
+    assert_one_line_error(
+        run(capsys, "inspect", "k", "--url", url),
+        f"DynamoDB table {table!r} not found",
+        f"idem-middleware create-table --table {table}",
+    )
 
 
 def test_inspect_an_inprogress_record_and_a_binary_body(
@@ -462,8 +517,8 @@ def test_missing_optional_dependencies(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "boto3", None)
-    monkeypatch.setitem(sys.modules, "idem_middleware.persistence.redis", None)
-    monkeypatch.setattr(demo, "DEMO_DEPENDENCIES", (*demo.DEMO_DEPENDENCIES, "no_such_module"))
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.delitem(sys.modules, "idem_middleware.persistence.redis", raising=False)
 
     assert_one_line_error(
         run(capsys, "create-table", "--table", "t"), "needs boto3", "idem-middleware[dynamodb]"
@@ -472,40 +527,6 @@ def test_missing_optional_dependencies(
         run(capsys, "inspect", "k", "--redis-url", "redis://localhost"),
         "needs redis-py",
         "idem-middleware[redis]",
-    )
-    assert_one_line_error(
-        run(capsys, "demo"), "the demo needs no_such_module", "idem-middleware[demo]"
-    )
-
-
-def test_demo_outside_a_source_checkout(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    installed = tmp_path / "site-packages" / "idem_middleware" / "__init__.py"
-    monkeypatch.setattr(idem_middleware, "__file__", str(installed))
-    monkeypatch.chdir(tmp_path)
-
-    assert_one_line_error(run(capsys, "demo"), "example_apps/", "make demo")
-
-
-def test_demo_on_an_unreachable_store_starts_no_server(capsys: pytest.CaptureFixture[str]) -> None:
-    port = free_port()
-    assert_one_line_error(
-        run(capsys, "demo", "--store", "redis", "--redis-url", f"redis://127.0.0.1:{port}/0"),
-        "cannot reach Redis",
-    )
-    assert_one_line_error(
-        run(
-            capsys,
-            "demo",
-            "--store",
-            "dynamodb",
-            "--endpoint-url",
-            f"http://127.0.0.1:{port}",
-            "--region",
-            REGION,
-        ),
-        "cannot reach DynamoDB",
     )
 
 

@@ -1,4 +1,4 @@
-"""IdempotencyConfig: the documented defaults, immutability, and validation at construction."""
+"""IdempotencyConfig: the README's defaults, immutability, and validation at construction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The demo, run as a user runs it: ``idem-middleware demo`` in a subprocess, from the checkout.
+"""The demo, run as ``make demo`` runs it: ``python -m tooling.demo`` in a subprocess.
 
 It starts real servers (uvicorn, gunicorn), so it must also stop them: the tests check that no
 process the demo started is left behind, after a normal run and after Ctrl-C.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from tooling import demo
+from tooling.demo.__main__ import main
+from tooling.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = [sys.executable, "-m", "idem_middleware.cli", "demo"]
+DEMO = [sys.executable, "-m", "tooling.demo"]
 
 
 def demo_env() -> dict[str, str]:
@@ -27,6 +31,15 @@ def demo_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IDEM_", "EXAMPLE_"))}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 def descendants(pid: int) -> set[int]:
@@ -63,6 +76,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.e2e
 def test_demo_on_sqlite_holds_every_expectation() -> None:
     started = time.monotonic()
     result = subprocess.run(
@@ -89,19 +103,31 @@ def test_demo_on_sqlite_holds_every_expectation() -> None:
     ports = re.findall(r"http://127\.0\.0\.1:(\d+)", out)
     assert len(set(ports)) == 2, out
     for port in set(ports):
-        probe = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                f"import socket; socket.create_connection(('127.0.0.1', {port}))",
-            ],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
-        assert probe.returncode != 0, f"a server still listens on port {port}"
+        assert not listening(int(port)), f"a server still listens on port {port}"
 
 
+@pytest.mark.e2e
+@pytest.mark.redis
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+def test_demo_starts_and_stops_its_own_redis_server() -> None:
+    result = subprocess.run(
+        [*DEMO, "--store", "redis-local"],
+        cwd=ROOT,
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✓ All 10 expectations held" in result.stdout
+    port = re.search(r"Idempotency store: Redis at redis://127\.0\.0\.1:(\d+)/0", result.stdout)
+    assert port, result.stdout
+    assert not listening(int(port[1])), "the demo's redis-server still listens"
+
+
+@pytest.mark.e2e
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="walks /proc to find processes")
 @pytest.mark.parametrize(
     ("sig", "exit_code"),
@@ -139,3 +165,44 @@ def test_interrupted_demo_stops_its_servers(sig: signal.Signals, exit_code: int)
     time.sleep(0.5)
     left = {pid for pid in servers if alive(pid)}
     assert not left, f"processes left behind: {left}"
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 1
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("demo: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_demo_on_an_unreachable_store_starts_no_server(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_server(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr("tooling.demo.run.start_uvicorn", no_server)
+    monkeypatch.setattr("tooling.demo.run.start_gunicorn", no_server)
+    port = free_port()
+
+    code = main(["--store", "redis", "--redis-url", f"redis://app:s3cret@127.0.0.1:{port}/0"])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, f"cannot use Redis at redis://app:***@127.0.0.1:{port}/0")
+    assert "s3cret" not in err
+
+    code = main(["--store", "dynamodb", "--endpoint-url", f"http://127.0.0.1:{port}"])
+    assert_one_line_error(
+        code, capsys.readouterr().err, f"cannot use DynamoDB at http://127.0.0.1:{port}"
+    )
+
+
+def test_demo_names_its_missing_dependencies(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "DEMO_DEPENDENCIES", (*demo.DEMO_DEPENDENCIES, "no_such_module"))
+
+    code = main([])
+
+    assert_one_line_error(code, capsys.readouterr().err, "needs no_such_module", "make demo")

@@ -34,7 +34,7 @@ from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRE
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import PROBLEM_CONTENT_TYPE, StoredResponse
 from tests.support.backends import FakeClock
-from tests.support.dynamodb_local import free_port
+from tooling.processes import free_port
 
 TABLE = "idempotency"
 NOW = 1_700_000_000

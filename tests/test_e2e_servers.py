@@ -15,7 +15,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.dynamodb_local import free_port
-from tests.support.servers import Server, running, start_gunicorn, start_uvicorn
+from tooling.processes import free_port
+from tooling.servers import Server, running, start_gunicorn, start_uvicorn
 
 pytestmark = pytest.mark.e2e
 
@@ -48,9 +48,13 @@ class Deployment:
     workers: int = 1
     threads: int = 1
 
-    def start(self, env: Mapping[str, str], log_dir: Path) -> Server:
+    def start(
+        self, env: Mapping[str, str], log_dir: Path, *, uvicorn_args: Sequence[str] = ()
+    ) -> Server:
         if self.server == "uvicorn":
-            return start_uvicorn(self.app, env=env, log_dir=log_dir, workers=self.workers)
+            return start_uvicorn(
+                self.app, env=env, log_dir=log_dir, workers=self.workers, extra_args=uvicorn_args
+            )
         return start_gunicorn(
             self.app, env=env, log_dir=log_dir, workers=self.workers, threads=self.threads
         )
@@ -79,9 +83,10 @@ def app_env(tmp_path: Path, **store: str) -> dict[str, str]:
 def dynamodb_env(tmp_path: Path, endpoint: str, table: str) -> dict[str, str]:
     return app_env(
         tmp_path,
-        IDEM_STORE="dynamodb",
-        IDEM_DYNAMODB_TABLE=table,
-        IDEM_DYNAMODB_ENDPOINT_URL=endpoint,
+        # Short client timeouts, as a payments API wants them: an unreachable store is a fast
+        # 503, not a minute of retries.
+        IDEM_STORE_URL=f"dynamodb://{table}?region=us-east-1&endpoint_url={endpoint}"
+        "&connect_timeout=1&read_timeout=3&max_attempts=2",
     )
 
 
@@ -219,7 +224,7 @@ def test_concurrent_retries_run_the_handler_once_dynamodb(
 def test_concurrent_retries_run_the_handler_once_sqlite_across_processes(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    env = app_env(tmp_path, IDEM_STORE="sqlite", IDEM_SQLITE_PATH=str(tmp_path / "idem.sqlite3"))
+    env = app_env(tmp_path, IDEM_STORE_URL=f"sqlite:///{tmp_path}/idem.sqlite3")
     with running(deployment.start(env, tmp_path)) as server:
         assert len(server.worker_pids) == deployment.workers
         exercise_exactly_once(server)
@@ -240,7 +245,9 @@ def test_store_unreachable_rejects_with_503_and_never_runs_the_handler(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     env = unreachable_dynamodb_env(tmp_path, "reject")
-    with running(deployment.start(env, tmp_path)) as server:
+    # A store unusable at startup fails an ASGI server's startup (tests/test_hardening_adapters.py);
+    # without lifespan, uvicorn serves as it would after the store went away.
+    with running(deployment.start(env, tmp_path, uvicorn_args=["--lifespan", "off"])) as server:
         for attempt in range(2):
             response = httpx.post(
                 f"{server.base_url}/payments", headers=auth("alice", "order-1"), json=PAYMENT
@@ -317,7 +324,7 @@ def test_client_timeout_then_retries_until_replayed(
 
 @pytest.mark.parametrize("deployment", SINGLE_PROCESS)
 def test_key_forms_repeated_keys_and_chunked_bodies(deployment: Deployment, tmp_path: Path) -> None:
-    env = app_env(tmp_path, IDEM_STORE="memory")
+    env = app_env(tmp_path, IDEM_STORE_URL="memory://")
     env["EXAMPLE_CHARGE_DELAY_SECONDS"] = "0"
     with (
         running(deployment.start(env, tmp_path)) as server,
@@ -375,7 +382,7 @@ def test_uvicorn_root_path_keeps_payments_idempotent(tmp_path: Path) -> None:
     Fails: the middleware matches ``scope["path"]`` ("/api/payments"), covers nothing, and the
     retry charges the card a second time.
     """
-    env = app_env(tmp_path, IDEM_STORE="memory")
+    env = app_env(tmp_path, IDEM_STORE_URL="memory://")
     env["EXAMPLE_CHARGE_DELAY_SECONDS"] = "0"
     server = start_uvicorn(
         FASTAPI_APP, env=env, log_dir=tmp_path, extra_args=["--root-path", "/api"]

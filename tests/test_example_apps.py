@@ -286,41 +286,34 @@ def test_memory_store_is_the_default(fresh_env: None) -> None:
     assert isinstance(store.persistence_layer_from_env({}), InMemoryPersistenceLayer)
 
 
-def test_dynamodb_store_uses_the_endpoint_url() -> None:
-    layer = store.persistence_layer_from_env(
+def test_store_url_names_the_store(tmp_path: Path) -> None:
+    from idem_middleware.persistence import (
+        DynamoDBPersistenceLayer,
+        RedisPersistenceLayer,
+        SQLitePersistenceLayer,
+    )
+
+    dynamodb = store.persistence_layer_from_env(
         {
-            "IDEM_STORE": "dynamodb",
-            "IDEM_DYNAMODB_TABLE": "payments-idempotency",
-            "IDEM_DYNAMODB_ENDPOINT_URL": "http://127.0.0.1:8000",
+            "IDEM_STORE_URL": "dynamodb://payments-idempotency?region=us-east-1"
+            "&endpoint_url=http://127.0.0.1:8000&connect_timeout=1"
         }
     )
-    from idem_middleware.persistence import DynamoDBPersistenceLayer
-
-    assert isinstance(layer, DynamoDBPersistenceLayer)
-    assert layer.table_name == "payments-idempotency"
-    assert layer.client.meta.endpoint_url == "http://127.0.0.1:8000"
-
-
-def test_sqlite_store(tmp_path: Path) -> None:
-    sqlite = pytest.importorskip("idem_middleware.persistence.sqlite")
-    path = tmp_path / "idem.sqlite3"
-    layer = store.persistence_layer_from_env(
-        {"IDEM_STORE": "sqlite", "IDEM_SQLITE_PATH": str(path)}
+    assert isinstance(dynamodb, DynamoDBPersistenceLayer)
+    assert dynamodb.table_name == "payments-idempotency"
+    assert dynamodb.client.meta.endpoint_url == "http://127.0.0.1:8000"
+    sqlite = store.persistence_layer_from_env(
+        {"IDEM_STORE_URL": f"sqlite:///{tmp_path}/idem.sqlite3"}
     )
-    assert isinstance(layer, sqlite.SQLitePersistenceLayer)
-
-
-def test_redis_store() -> None:
-    redis = pytest.importorskip("idem_middleware.persistence.redis")
-    layer = store.persistence_layer_from_env(
-        {"IDEM_STORE": "redis", "IDEM_REDIS_URL": "redis://127.0.0.1:1/0"}
-    )
-    assert isinstance(layer, redis.RedisPersistenceLayer)
+    assert isinstance(sqlite, SQLitePersistenceLayer)
+    assert sqlite.path == f"{tmp_path}/idem.sqlite3"
+    redis = store.persistence_layer_from_env({"IDEM_STORE_URL": "redis://127.0.0.1:1/0"})
+    assert isinstance(redis, RedisPersistenceLayer)
 
 
 def test_unknown_store_and_policy_are_refused() -> None:
-    with pytest.raises(ValueError, match="IDEM_STORE"):
-        store.persistence_layer_from_env({"IDEM_STORE": "postgres"})
+    with pytest.raises(ValueError, match="IDEM_STORE_URL: unknown store URL scheme 'mongodb'"):
+        store.persistence_layer_from_env({"IDEM_STORE_URL": "mongodb://localhost"})
     with pytest.raises(ValueError, match="IDEM_ON_STORE_ERROR"):
         store.on_store_error_from_env({"IDEM_ON_STORE_ERROR": "ignore"})
     assert store.on_store_error_from_env({}) == "reject"

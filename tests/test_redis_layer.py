@@ -22,6 +22,7 @@ from idem_middleware.persistence import RedisPersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 from tests.support.backends import FakeClock
+from tooling.processes import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -186,12 +187,6 @@ def test_url_and_client_are_exclusive(client: redis.Redis) -> None:
 # Store errors ----------------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # nothing listens once the socket is closed
-
-
 def all_operations(layer: RedisPersistenceLayer) -> list[tuple[str, object]]:
     key = layer.build_idempotency_key("order-1")
     lease = DataRecord(key, STATUS_INPROGRESS, int(START) + 10, int(START * 1000) + 10)
@@ -204,7 +199,7 @@ def all_operations(layer: RedisPersistenceLayer) -> list[tuple[str, object]]:
 
 
 def test_closed_port_is_a_persistence_error(clock: FakeClock) -> None:
-    layer = make_layer(clock, f"redis://127.0.0.1:{closed_port()}/0")
+    layer = make_layer(clock, f"redis://127.0.0.1:{free_port()}/0")
     started = time.monotonic()
     for name, operation in all_operations(layer):
         with pytest.raises(IdempotencyPersistenceLayerError) as caught:

@@ -13,7 +13,7 @@ import pytest
 
 from idem_middleware import IdempotencyConfig, IdempotencyWSGIMiddleware
 from idem_middleware.persistence import InMemoryPersistenceLayer
-from idem_middleware.persistence.record import STATUS_COMPLETED
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
 
 
 def environ(
@@ -271,14 +271,11 @@ def test_oversized_response_streams_and_the_app_iterable_is_closed_on_client_abo
         return iterable
 
     wrapped = middleware(app, layer=layer, max_stored_response_bytes=1000)
-    written: list[bytes] = []
-    server = Server()
-    server.start_response = lambda s, h, e=None: written.append  # type: ignore[assignment,method-assign]
-    result = wrapped(environ(), server.start_response)
+    result = wrapped(environ(), Server().start_response)
     first = next(iter(result))  # the client reads one chunk and goes away
+    assert [record.status for record in layer._records.values()] == [STATUS_INPROGRESS]
     result.close()  # type: ignore[attr-defined]
-    assert b"".join(written) == b"x" * 600 + b"y" * 600
-    assert first == b"z" * 600
+    assert first == b"x" * 600  # forwarded as the app produced it
     assert iterable.closed
     record = next(iter(layer._records.values()))
     assert record.status == STATUS_COMPLETED
@@ -387,4 +384,18 @@ def test_a_status_without_a_known_phrase_is_replayed() -> None:
     Server().call(wrapped, environ())
     replay = Server()
     assert replay.call(wrapped, environ()) == b"custom"
-    assert replay.status == "299 Unknown"
+    assert replay.status == "299 Custom"  # the app's reason phrase, as it wrote it
+
+
+def test_exception_on_the_first_chunk_closes_releases_and_propagates() -> None:
+    layer = InMemoryPersistenceLayer()
+    iterable = ClosingIterable([b"a", b"b"], fail_at=0)
+
+    def app(env: dict[str, Any], start_response: Any) -> ClosingIterable:
+        start_response("200 OK", [])
+        return iterable
+
+    with pytest.raises(RuntimeError, match="iteration failed"):
+        Server().call(middleware(app, layer=layer), environ())
+    assert iterable.closed
+    assert layer._records == {}

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.memory import InMemoryPersistenceLayer
 from idem_middleware.persistence.record import DataRecord
+from idem_middleware.persistence.url import from_url
 
 if TYPE_CHECKING:
     from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
+    from idem_middleware.persistence.postgres import PostgresPersistenceLayer
     from idem_middleware.persistence.redis import RedisPersistenceLayer
     from idem_middleware.persistence.sqlite import SQLitePersistenceLayer
 
@@ -18,19 +20,22 @@ __all__ = [
     "DataRecord",
     "DynamoDBPersistenceLayer",
     "InMemoryPersistenceLayer",
+    "PostgresPersistenceLayer",
     "RedisPersistenceLayer",
     "SQLitePersistenceLayer",
+    "from_url",
 ]
 
 _LAZY = {
     "DynamoDBPersistenceLayer": "idem_middleware.persistence.dynamodb",
+    "PostgresPersistenceLayer": "idem_middleware.persistence.postgres",
     "RedisPersistenceLayer": "idem_middleware.persistence.redis",
     "SQLitePersistenceLayer": "idem_middleware.persistence.sqlite",
 }
 
 
 def __getattr__(name: str) -> Any:
-    # boto3 and redis are extras: importing this package must not need them.
+    # boto3, redis and psycopg are extras: importing this package must not need them.
     if name in _LAZY:
         import importlib
 

@@ -82,11 +82,26 @@ def _redis(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     return RedisPersistenceLayer(request.getfixturevalue("redis_url"), key_namespace=namespace)
 
 
+def _postgres(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from idem_middleware.persistence.postgres import PostgresPersistenceLayer
+
+    # One database for the session; a table per test keeps each test's store empty.
+    layer = PostgresPersistenceLayer(
+        request.getfixturevalue("postgres_conninfo"),
+        table_name=f"idem_{uuid.uuid4().hex[:12]}",
+        max_pool_size=16,
+    )
+    layer.create_table()
+    request.addfinalizer(layer.close)
+    return layer
+
+
 BACKENDS: tuple[Backend, ...] = (
     Backend("memory", _memory),
     Backend("dynamodb", _dynamodb, marks=(pytest.mark.dynamodb,)),
     Backend("sqlite", _sqlite),
     Backend("redis", _redis, marks=(pytest.mark.redis,)),
+    Backend("postgres", _postgres, marks=(pytest.mark.postgres,)),
 )
 
 
@@ -160,5 +175,18 @@ def write_raw_record(
         if validation is not None:
             item[layer.validation_key_attr] = {"S": validation}
         layer.client.put_item(TableName=layer.table_name, Item=item)
+    elif type(layer).__name__ == "PostgresPersistenceLayer":  # psycopg is an optional extra
+        if not isinstance(expiration, int):
+            raise TypeError("PostgreSQL's expiration column is BIGINT: it holds numbers only")
+        with layer._connection() as connection:
+            connection.execute(
+                f"INSERT INTO {layer.qualified_name} "
+                "(id, status, expiration, in_progress_expiration, data, validation) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "status = EXCLUDED.status, expiration = EXCLUDED.expiration, "
+                "in_progress_expiration = EXCLUDED.in_progress_expiration, "
+                "data = EXCLUDED.data, validation = EXCLUDED.validation, lease_id = NULL",
+                (key, status, expiration, in_progress_expiration, data, validation),
+            )
     else:
         raise TypeError(f"no raw writer for {type(layer).__name__}")

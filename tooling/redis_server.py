@@ -1,4 +1,4 @@
-"""Start a private ``redis-server`` for the test session.
+"""Start a private ``redis-server``: for the test session, the benchmarks and the demo.
 
 The server listens on a free port of 127.0.0.1, keeps nothing on disk, and is stopped at the end.
 Where the ``redis-server`` binary is missing, the tests use ``IDEM_TEST_REDIS_URL`` (default
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
+
+from tooling.processes import free_port, spawn, stop, wait_until
 
 DEFAULT_EXTERNAL_URL = "redis://127.0.0.1:6379/0"
 
@@ -36,22 +36,11 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+            stop(self.process)
             self.process = None
         if self.workdir is not None:
             self.workdir.cleanup()
             self.workdir = None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ping(url: str, timeout: float = 1.0) -> bool:
@@ -69,14 +58,13 @@ def ping(url: str, timeout: float = 1.0) -> bool:
 def wait_until_serving(
     url: str, process: subprocess.Popen[bytes] | None, timeout: float = 15.0
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with code {process.returncode}")
-        if ping(url, timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"Redis at {url} did not answer PING within {timeout}s")
+    wait_until(
+        lambda: ping(url, timeout=0.5),
+        what=f"redis-server at {url}",
+        timeout=timeout,
+        process=process,
+        interval=0.05,
+    )
 
 
 def start() -> RedisServer:
@@ -100,7 +88,7 @@ def start() -> RedisServer:
     last_error: Exception | None = None
     for _attempt in range(3):  # another process may take the free port before we bind it
         port = free_port()
-        process = subprocess.Popen(
+        process = spawn(
             [
                 binary,
                 "--port",
@@ -113,21 +101,17 @@ def start() -> RedisServer:
                 "no",
                 "--dir",
                 workdir.name,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            ]
         )
         url = f"redis://127.0.0.1:{port}/0"
         try:
             wait_until_serving(url, process)
         except RuntimeError as exc:
             last_error = exc
-            process.kill()
-            process.wait(timeout=10)
+            stop(process)
             continue
         except BaseException:
-            process.kill()
-            process.wait(timeout=10)
+            stop(process)
             workdir.cleanup()
             raise
         return RedisServer(

@@ -1,7 +1,7 @@
-"""``idem-middleware demo``: the example payments apps on real servers, shown to a newcomer.
+"""The example payments apps on real servers, shown to a newcomer.
 
 For each server (FastAPI on uvicorn, then Flask on gunicorn) the demo starts the example app on
-a free loopback port with the chosen store, runs :func:`idem_middleware.demo.scenario.exercise`
+a free loopback port with the chosen store, runs :func:`tooling.demo.scenario.exercise`
 and prints a table of what was expected and what happened; then a one-line verdict. Servers are
 stopped whatever happens (an error, Ctrl-C, SIGTERM), and the temporary directory holding the
 SQLite files and logs is removed.
@@ -16,7 +16,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -24,33 +24,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-import idem_middleware
-from idem_middleware.demo import missing_dependencies
-from idem_middleware.demo.scenario import Check, exercise
-from idem_middleware.demo.servers import Server, ServerStartError, start_gunicorn, start_uvicorn
+from tooling import ROOT
+from tooling.demo import DemoError
+from tooling.demo.scenario import Check, exercise
+from tooling.demo.stores import DemoStore
+from tooling.servers import Server, ServerStartError, start_gunicorn, start_uvicorn
 
 #: The card processor's simulated latency: long enough for the retries to overlap the first
 #: request, short enough for a quick demo.
 CHARGE_DELAY_SECONDS = 0.5
 CONCURRENT_RETRIES = 20
-
-
-class DemoError(Exception):
-    """The demo cannot run (a missing dependency, no example apps, a server that fails)."""
-
-
-@dataclass(frozen=True)
-class DemoStore:
-    """The idempotency store the example apps use, as their ``IDEM_*`` settings."""
-
-    name: str  # memory, sqlite, dynamodb or redis
-    description: str
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def shared_by_processes(self) -> bool:
-        """The memory store lives in one process: a server using it must have one worker."""
-        return self.name != "memory"
 
 
 @dataclass(frozen=True)
@@ -93,28 +76,9 @@ def deployments(store: DemoStore) -> list[Deployment]:
     ]
 
 
-def examples_root() -> Path:
-    """The source checkout whose ``example_apps`` the demo serves: the one this package was
-    installed from (``pip install -e``), else the current directory.
-    """
-    package_parent = Path(idem_middleware.__file__).resolve().parents[1]
-    for candidate in (package_parent, Path.cwd()):
-        apps = candidate / "example_apps"
-        if (apps / "fastapi_app.py").is_file() and (apps / "flask_app.py").is_file():
-            return candidate
-    raise DemoError(
-        "the demo serves the example apps of a source checkout, and there is no example_apps/ "
-        f"next to {package_parent} nor in {Path.cwd()}: run it from a clone of the repository "
-        "(make demo)"
-    )
-
-
 def run_demo(store: DemoStore, console: Console | None = None) -> bool:
     """Run the demo on every deployment; ``True`` when every expectation held."""
-    missing = missing_dependencies()
-    if missing:
-        raise DemoError(f"the demo needs {', '.join(missing)}: pip install 'idem-middleware[demo]'")
-    root = examples_root()
+    root = ROOT
     # Outside a terminal (a log, CI) rich would assume 80 columns; the tables read better wider.
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 100)
     _introduce(console, store)
@@ -149,13 +113,10 @@ def _run_one(
     store: DemoStore,
 ) -> list[Check]:
     env = {
-        "IDEM_STORE": store.name,
-        **store.env,
+        "IDEM_STORE_URL": store.url(work, index),
         "EXAMPLE_LEDGER_PATH": str(work / f"ledger-{index}.sqlite3"),
         "EXAMPLE_CHARGE_DELAY_SECONDS": str(CHARGE_DELAY_SECONDS),
     }
-    if store.name == "sqlite":
-        env["IDEM_SQLITE_PATH"] = str(work / f"idempotency-{index}.sqlite3")
     with console.status(f"Starting {deployment.title} …"):
         try:
             server = deployment.start(root, env, work)
