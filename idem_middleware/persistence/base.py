@@ -1,8 +1,9 @@
 """BasePersistenceLayer: the logic every store shares; backends only move records.
 
 Mirrors the persistence layer of Powertools for AWS Lambda: the base class builds keys, sets
-expiries, validates payloads and keeps the local cache; a backend implements four primitives.
-On top of Powertools it fences completion and release on the lease a request holds.
+expiries, validates payloads and keeps the local cache; a backend implements the primitives
+(claim, read, complete, renew, release, remove). On top of Powertools it fences completion,
+release and lease renewal on the lease a request holds, and renews leases while handlers run.
 """
 
 from __future__ import annotations
