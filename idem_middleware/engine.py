@@ -310,8 +310,8 @@ class IdempotencyEngine:
         """The 422 when ``record`` was made by another payload; ``None`` (keep waiting) else."""
         try:
             self.persistence_layer.validate_payload(record, payload_hash)
-        except IdempotencyValidationError as error:
-            return self._reject(request, error, record.idempotency_key, event="mismatch")
+        except IdempotencyPayloadMismatchError:
+            return self._key_reused(request, record.idempotency_key)
         return None
 
     def poll(self, conflict: Conflict) -> Decision | None:
@@ -388,11 +388,7 @@ class IdempotencyEngine:
         try:
             self.persistence_layer.validate_payload(record, payload_hash)
         except IdempotencyPayloadMismatchError:
-            reused = IdempotencyValidationError(
-                "this idempotency key was already used with a different request "
-                "(method, path, query or body)"
-            )
-            return self._reject(request, reused, key, event="mismatch")
+            return self._key_reused(request, key)
         if record.status == STATUS_INPROGRESS:
             return self._reject(
                 request,
@@ -569,6 +565,13 @@ class IdempotencyEngine:
     ) -> Respond:
         self._emit(event, method, path, key, status=error.status, detail=error.code)
         return Respond(problem_response(error))
+
+    def _key_reused(self, request: IdempotencyRequest, key: str) -> Respond:
+        reused = IdempotencyValidationError(
+            "this idempotency key was already used with a different request "
+            "(method, path, query or body)"
+        )
+        return self._reject(request, reused, key, event="mismatch")
 
     def _store_unavailable(
         self, request: IdempotencyRequest, error: IdempotencyPersistenceLayerError, key: str | None
