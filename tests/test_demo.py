@@ -92,12 +92,16 @@ def test_demo_on_sqlite_holds_every_expectation() -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "✓ All 10 expectations held: one charge per payment" in out
+    assert "✓ All 14 expectations held: one charge per payment" in out
     assert "✗" not in out
-    assert "1. FastAPI on uvicorn" in out
+    assert "1. FastAPI on uvicorn (duplicates wait up to 5 s)" in out
     assert "2. Flask on gunicorn (2 worker processes, 4 threads each)" in out
-    assert out.count("✓") == 2 * 5 + 1, "five steps per server, each held, and the verdict"
+    assert out.count("✓") == 2 * 7 + 1, "seven steps per server, each held, and the verdict"
     assert out.count("payments_created: 1") == 2
+    assert out.count("exports_created: 1") == 2
+    # The first server let the concurrent retries wait for the answer; the second said 409.
+    assert "20 waited" in out
+    assert "got 409" in out
     assert elapsed < 40, f"the demo took {elapsed:.1f} s"
     # Both servers are gone: nothing listens on their ports any more.
     ports = re.findall(r"http://127\.0\.0\.1:(\d+)", out)
@@ -121,7 +125,7 @@ def test_demo_starts_and_stops_its_own_redis_server() -> None:
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "✓ All 10 expectations held" in result.stdout
+    assert "✓ All 14 expectations held" in result.stdout
     port = re.search(r"Idempotency store: Redis at redis://127\.0\.0\.1:(\d+)/0", result.stdout)
     assert port, result.stdout
     assert not listening(int(port[1])), "the demo's redis-server still listens"

@@ -19,9 +19,11 @@ PROG = "make demo"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tooling.demo",
-        description="Start the example FastAPI app under uvicorn, then the Flask app under "
-        "gunicorn, on free localhost ports; send a payment, 20 concurrent retries, a reused key "
-        "and a late retry; show what each step did and whether the card was charged once.",
+        description="Start the example FastAPI app under uvicorn (duplicates of a request in "
+        "flight wait for its answer), then the Flask app under gunicorn (they get 409), on free "
+        "localhost ports; send a payment, 20 concurrent retries, a reused key and a late retry, "
+        "then a streamed CSV export and its retry; show what each step did and whether the card "
+        "was charged once.",
         epilog='examples:\n  make demo\n  make demo DEMO_ARGS="--store dynamodb --endpoint-url '
         'http://localhost:8000"\n  make demo DEMO_ARGS="--store redis --redis-url '
         'redis://localhost:6379/0"\n  make demo DEMO_ARGS="--store redis-local"',
