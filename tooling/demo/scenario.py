@@ -177,8 +177,8 @@ async def exercise(
             longest = max(seconds for _, seconds in timed)
             observed = f"{replayed} waited (up to {longest:.2f} s) and got a replay, {in_use} a 409"
             step = (
-                f"{concurrent_retries} retries at once, while the first still runs "
-                f"(IDEM_CONFLICT_WAIT_SECONDS={conflict_wait_seconds:g})"
+                f"{concurrent_retries} retries at once, while the first still runs; they may "
+                f"wait up to {conflict_wait_seconds:g} s"
             )
             expected = (
                 "each waits for the first to complete, then gets its answer (a replay), no 409"
