@@ -340,8 +340,13 @@ def run(requests: int = 300, uvicorn_requests: int = 200) -> StreamingResult:
 
 
 def markdown(result: StreamingResult) -> str:
+    from benchmarks.report import machine
+
+    info = machine()
     lines = [
         "### 5. Streaming: time to first byte of a covered streamed response",
+        "",
+        f"Run on {info['date']}: {info['machine']}; {info['python']}.",
         "",
         "| setting | variant | first byte, median ms | p90 ms | over bare ms "
         "| last byte, median ms | target |",
@@ -379,7 +384,7 @@ def update_markdown(result: StreamingResult, path: Path = MARKDOWN) -> None:
         anchor = "<!-- results:end -->"
         at = text.find(anchor)
         at = len(text) if at < 0 else at + len(anchor)
-        text = f"{text[:at].rstrip()}\n\n{block}\n{text[at:]}"
+        text = f"{text[:at].rstrip()}\n\n{block}\n\n{text[at:].lstrip()}"
     path.write_text(text, encoding="utf-8")
 
 
