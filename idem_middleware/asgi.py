@@ -27,7 +27,15 @@ import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from idem_middleware.config import IdempotencyConfig
-from idem_middleware.engine import IdempotencyEngine, PassThrough, PendingClaim, Proceed, Respond
+from idem_middleware.engine import (
+    Conflict,
+    IdempotencyEngine,
+    PassThrough,
+    PendingClaim,
+    Proceed,
+    Respond,
+)
+from idem_middleware.lease import AsyncLeaseKeeper, wait_for_answer_async
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
@@ -204,6 +212,7 @@ class IdempotentExchange:
         self.body = b""
         self.body_delivered = False
         self.attempt: Proceed | None = None
+        self.keeper: AsyncLeaseKeeper | None = None
         self.start_message: Message | None = None
         self.copy = self.engine.sizes.response_copy()  # the body the app sent, for the record
         self.held: list[bytes] = []  # body the client must not get before the record
@@ -243,6 +252,10 @@ class IdempotentExchange:
                 decision = await self.store_call(self.engine.claim, decision)
         else:
             decision = self.engine.begin(request)  # no I/O: nothing to move off the loop
+        if isinstance(decision, Conflict):  # conflict_wait_seconds: wait for the answer
+            decision = await wait_for_answer_async(
+                self.engine, decision, store_call=self.store_call
+            )
         if isinstance(decision, Respond):
             await self.send_stored(decision.response)
         elif isinstance(decision, PassThrough):
@@ -296,7 +309,9 @@ class IdempotentExchange:
                 if name not in _UNCAPTURABLE_EXTENSIONS
             }
         try:
-            await self.app(scope, self.receive_buffered, self.capture)
+            self.keeper = AsyncLeaseKeeper(self.engine, attempt, store_call=self.finish_lane)
+            async with self.keeper:
+                await self.app(scope, self.receive_buffered, self.capture)
         except BaseException:
             if not self.finished:
                 with anyio.CancelScope(shield=True):
@@ -423,14 +438,20 @@ class IdempotentExchange:
         return function(*args)
 
     async def finish_call(self, function: Callable[..., None], *args: Any) -> None:
-        """Run a completion or a release, off the event loop when the store blocks, in a lane of
-        their own: a request that is done never queues behind new claims for a store thread.
+        """Run a completion or a release, after the lease keeper has stopped (so it writes under
+        the last renewed lease), off the event loop when the store blocks, in a lane of their
+        own: a request that is done never queues behind new claims for a store thread.
         """
+        if self.keeper is not None:
+            await self.keeper.stop()
+        await self.finish_lane(function, *args)
+
+    async def finish_lane(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a store call of a request in flight (completion, release, lease renewal)."""
         if self.engine.store_blocks:
             limiter = self.middleware.finish_limiter()
-            await anyio.to_thread.run_sync(function, *args, limiter=limiter)
-        else:
-            function(*args)
+            return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+        return function(*args)
 
 
 def _declared_length(start_message: Message | None) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,8 +60,11 @@ class IdempotencyConfig:
     """How requests are selected, keyed, fingerprinted, stored and replayed.
 
     The defaults are the safe common case: POST and PATCH on every path, key from the
-    ``Idempotency-Key`` header, completed responses replayed for 24 hours, a 60 second lease on
-    in-flight requests. ``include_paths`` and ``exclude_paths`` take globs and route templates
+    ``Idempotency-Key`` header, completed responses replayed for 24 hours, a 10 second lease on
+    in-flight requests that the middleware renews while the handler runs (so a handler may run
+    longer, and a crashed worker's key runs again within 10 s), a 409 at once for a duplicate of
+    an in-flight request (``conflict_wait_seconds`` lets it wait for the replay instead).
+    ``include_paths`` and ``exclude_paths`` take globs and route templates
     (:mod:`idem_middleware.routes`). Set ``scope`` whenever clients are not all the same
     principal: without it, a client that sends another client's key gets that client's stored
     response.
@@ -75,7 +79,8 @@ class IdempotencyConfig:
     event_key_jmespath: str | None = None
     payload_validation_jmespath: str | None = None
     expires_after_seconds: int = 86_400
-    in_progress_expires_after_seconds: int = 60
+    in_progress_expires_after_seconds: int = 10
+    conflict_wait_seconds: float = 0
     use_local_cache: bool = False
     local_cache_max_items: int = 1024
     hash_function: str = "sha256"
@@ -158,6 +163,20 @@ class IdempotencyConfig:
             f"{self.expires_after_seconds} is shorter than in_progress_expires_after_seconds "
             f"({self.in_progress_expires_after_seconds}): a record must outlive its lease, or a "
             "live request's key is taken over",
+        )
+        _require(
+            isinstance(self.conflict_wait_seconds, int | float)
+            and not isinstance(self.conflict_wait_seconds, bool)
+            and math.isfinite(self.conflict_wait_seconds)
+            and self.conflict_wait_seconds >= 0,
+            "conflict_wait_seconds",
+            f"must be a non-negative number of seconds, got {self.conflict_wait_seconds!r}",
+        )
+        _require(
+            self.conflict_wait_seconds < self.expires_after_seconds,
+            "conflict_wait_seconds",
+            f"{self.conflict_wait_seconds} is not below expires_after_seconds "
+            f"({self.expires_after_seconds}): the answer a duplicate waits for would expire first",
         )
         _require_positive_int(self.local_cache_max_items, "local_cache_max_items")
         _require_positive_int(self.max_request_body_bytes, "max_request_body_bytes")

@@ -25,7 +25,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from idem_middleware.config import IdempotencyConfig
-from idem_middleware.engine import IdempotencyEngine, PassThrough, Proceed, Respond
+from idem_middleware.engine import Conflict, IdempotencyEngine, PassThrough, Proceed, Respond
+from idem_middleware.lease import LeaseKeeper, wait_for_answer
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
@@ -82,6 +83,7 @@ class WSGIExchange:
         self.method: str = environ["REQUEST_METHOD"]
         self.path = path
         self.attempt: Proceed | None = None
+        self.keeper: LeaseKeeper | None = None
         self.status_line: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.declared_length: int | None = None
@@ -114,6 +116,8 @@ class WSGIExchange:
             raw=self.environ,
         )
         decision = self.engine.begin(request)
+        if isinstance(decision, Conflict):  # conflict_wait_seconds: wait for the answer
+            decision = wait_for_answer(self.engine, decision)
         if isinstance(decision, Respond):
             return self.send_stored(decision.response)
         if isinstance(decision, PassThrough):
@@ -158,6 +162,7 @@ class WSGIExchange:
 
     def run_app(self, attempt: Proceed) -> Iterable[bytes]:
         self.attempt = attempt
+        self.keeper = LeaseKeeper(self.engine, attempt).start()
         try:
             iterable = self.iterable = self.app(self.environ, self.capture_start_response)
             # A list is produced already: streaming it would gain nothing.
@@ -264,14 +269,21 @@ class WSGIExchange:
             # Not stored (a 5xx by default): release now and let the response through.
             self.finished = self.passing = True
             self.copy.give_up()
+            self.stop_keeper()
             self.engine.release(self.attempt, status)
         self.server_write = self.start_response(self.status_line, self.headers)
+
+    def stop_keeper(self) -> None:
+        """Stop, then complete or release: the write goes under the last renewed lease."""
+        if self.keeper is not None:
+            self.keeper.stop()
 
     def complete(self) -> None:
         """Record the response (the engine releases a status that is not stored)."""
         if not self.finished:
             assert self.attempt is not None
             self.finished = True
+            self.stop_keeper()
             self.engine.complete(self.attempt, self.captured_response())
 
     def abandon(self) -> None:
@@ -285,6 +297,7 @@ class WSGIExchange:
         if not self.finished:
             assert self.attempt is not None
             self.finished = True
+            self.stop_keeper()
             self.engine.release(self.attempt)
 
     def close_app(self) -> None:

@@ -502,7 +502,7 @@ def test_expiry_shorter_than_the_lease_is_refused() -> None:
     with pytest.raises(ValueError, match="expires_after_seconds"):
         IdempotencyConfig(expires_after_seconds=30, in_progress_expires_after_seconds=60)
     with pytest.raises(ValueError, match="expires_after_seconds"):
-        IdempotencyConfig(expires_after_seconds=59)  # the default lease is 60 s
+        IdempotencyConfig(expires_after_seconds=9)  # the default lease is 10 s
     equal = IdempotencyConfig(expires_after_seconds=60, in_progress_expires_after_seconds=60)
     assert equal.expires_after_seconds == 60
 

@@ -2,9 +2,10 @@
 
 Same attribute names and defaults as Powertools for AWS Lambda, so a table can be shared or
 migrated. The claim is one conditional ``PutItem`` that returns the existing item on collision
-(``ReturnValuesOnConditionCheckFailure=ALL_OLD``); completion and release are conditional on the
-lease (``in_progress_expiration`` and the extra ``lease_id`` attribute, a random token per claim),
-so a request whose lease ran out cannot touch the record of the request that took over. Items
+(``ReturnValuesOnConditionCheckFailure=ALL_OLD``); completion, lease renewal and release are
+conditional on the lease (``in_progress_expiration`` and the extra ``lease_id`` attribute, a
+random token per claim), so a request whose lease ran out cannot touch the record of the request
+that took over. Items
 written without ``lease_id`` (by Powertools or earlier versions) are read, and fenced on
 ``in_progress_expiration`` alone.
 """
@@ -248,6 +249,27 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             return _LEGACY_LEASE_CONDITION, names, values
         values[":lease_id"] = {"S": lease.lease_id}
         return _LEASE_CONDITION, names, values
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        condition, names, values = self._lease_condition(lease)
+        names["#expiry"] = self.expiry_attr
+        values[":renewed"] = _number(renewed.in_progress_expiry_timestamp)
+        values[":expiry"] = _number(renewed.expiry_timestamp)
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(lease.idempotency_key),
+                UpdateExpression="SET #in_progress_expiry = :renewed, #expiry = :expiry",
+                ConditionExpression=condition,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _error_code(exc) == "ConditionalCheckFailedException":
+                raise IdempotencyLeaseLostError(lease.idempotency_key) from None
+            self._raise_store_error("UpdateItem (lease renewal)", exc)
+        except BotoCoreError as exc:
+            self._raise_store_error("UpdateItem (lease renewal)", exc)
 
     def _delete_record(self, data_record: DataRecord) -> None:
         condition, names, values = self._lease_condition(data_record)

@@ -77,6 +77,11 @@ class InMemoryPersistenceLayer(BasePersistenceLayer):
             self._check_lease(data_record)
             self._records[data_record.idempotency_key] = data_record
 
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        with self._lock:
+            self._check_lease(lease)
+            self._records[lease.idempotency_key] = renewed
+
     def _delete_record(self, data_record: DataRecord) -> None:
         with self._lock:
             self._check_lease(data_record)

@@ -11,9 +11,10 @@ committed after the statement's snapshot was taken is seen by the conflict check
 in the same statement, which then returns neither a claim nor a record; it is simply run again,
 with a snapshot that sees the row (or its absence).
 
-Completion and release are fenced on the lease token (``in_progress_expiration``), as in the
-DynamoDB layer, whose attribute names the columns mirror. Expired rows are deleted in short
-batches by a background thread, at most every ``purge_interval_seconds``, never on a request.
+Completion, lease renewal and release are fenced on the lease token (``in_progress_expiration``
+and ``lease_id``), as in the DynamoDB layer, whose attribute names the columns mirror. Expired
+rows are deleted in short batches by a background thread, at most every
+``purge_interval_seconds``, never on a request.
 """
 
 from __future__ import annotations
@@ -209,6 +210,11 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
             " AND lease_id IS NOT DISTINCT FROM %(lease_id)s"
         )
+        self._sql_renew = render(
+            "UPDATE {t} SET in_progress_expiration = %(renewed)s, expiration = %(expiration)s"
+            " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
+            " AND lease_id IS NOT DISTINCT FROM %(lease_id)s"
+        )
         self._sql_release = render(
             "DELETE FROM {t}"
             " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
@@ -294,6 +300,22 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             ).rowcount
         if updated != 1:
             raise IdempotencyLeaseLostError(data_record.idempotency_key)
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        with self._store_errors("lease renewal"), self._connection() as connection:
+            updated = connection.execute(
+                self._sql_renew,
+                {
+                    "id": lease.idempotency_key,
+                    "renewed": renewed.in_progress_expiry_timestamp,
+                    "expiration": renewed.expiry_timestamp,
+                    "inprogress": STATUS_INPROGRESS,
+                    "lease": lease.in_progress_expiry_timestamp,
+                    "lease_id": lease.lease_id,
+                },
+            ).rowcount
+        if updated != 1:
+            raise IdempotencyLeaseLostError(lease.idempotency_key)
 
     def _delete_record(self, data_record: DataRecord) -> None:
         with self._store_errors("release"), self._connection() as connection:

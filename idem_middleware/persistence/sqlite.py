@@ -3,10 +3,10 @@
 The standard library's ``sqlite3`` in WAL mode: readers never block the writer, and the claim
 is a single ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <the existing record is dead>`` inside a
 ``BEGIN IMMEDIATE`` transaction, so across threads and processes exactly one request wins a key
-and a loser reads the record that beat it under the same write lock. Completion and release are
-fenced on the lease (``lease_id`` and ``in_progress_expiration``), as in the DynamoDB layer,
-whose attribute names the columns mirror. A table made before lease ids existed gains the
-``lease_id`` column on first connection; its rows keep working, fenced on
+and a loser reads the record that beat it under the same write lock. Completion, lease renewal
+and release are fenced on the lease (``lease_id`` and ``in_progress_expiration``), as in the
+DynamoDB layer, whose attribute names the columns mirror. A table made before lease ids existed
+gains the ``lease_id`` column on first connection; its rows keep working, fenced on
 ``in_progress_expiration`` alone.
 """
 
@@ -152,6 +152,11 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             "WHERE id = :id AND status = :inprogress AND in_progress_expiration = :lease "
             "AND lease_id IS :lease_id"
         )
+        self._sql_renew = self._sql(
+            "UPDATE {t} SET in_progress_expiration = :renewed, expiration = :expiration "
+            "WHERE id = :id AND status = :inprogress AND in_progress_expiration = :lease "
+            "AND lease_id IS :lease_id"
+        )
         self._sql_release = self._sql(
             "DELETE FROM {t} WHERE id = :id AND status = :inprogress "
             "AND in_progress_expiration = :lease AND lease_id IS :lease_id"
@@ -230,6 +235,22 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             )
         if cursor.rowcount != 1:
             raise IdempotencyLeaseLostError(data_record.idempotency_key)
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        with self._store_errors("lease renewal"):
+            cursor = self._connection().execute(
+                self._sql_renew,
+                {
+                    "id": lease.idempotency_key,
+                    "renewed": renewed.in_progress_expiry_timestamp,
+                    "expiration": renewed.expiry_timestamp,
+                    "inprogress": STATUS_INPROGRESS,
+                    "lease": lease.in_progress_expiry_timestamp,
+                    "lease_id": lease.lease_id,
+                },
+            )
+        if cursor.rowcount != 1:
+            raise IdempotencyLeaseLostError(lease.idempotency_key)
 
     def _delete_record(self, data_record: DataRecord) -> None:
         with self._store_errors("release"):
