@@ -472,3 +472,16 @@ class Harness:
             headers=[(name.lower(), value) for name, value in response.headers.multi_items()],
             body=response.content,
         )
+
+
+def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    """The reply is the RFC 9457 problem this package answers with; returns its document."""
+    assert reply.status == status, reply.body
+    assert reply.header("content-type") == "application/problem+json"
+    problem: dict[str, Any] = reply.json()
+    assert problem["status"] == status
+    assert problem["code"] == code
+    assert problem["type"].endswith(code)
+    assert problem["title"]
+    assert problem["detail"]
+    return problem

@@ -26,16 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
         "was charged once.",
         epilog='examples:\n  make demo\n  make demo DEMO_ARGS="--store dynamodb --endpoint-url '
         'http://localhost:8000"\n  make demo DEMO_ARGS="--store redis --redis-url '
-        'redis://localhost:6379/0"\n  make demo DEMO_ARGS="--store redis-local"',
+        'redis://localhost:6379/0"\n  make demo DEMO_ARGS="--store redis-local"\n  '
+        'make demo DEMO_ARGS="--store postgres"',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--store",
-        choices=("sqlite", "memory", "dynamodb", "redis", "dynamodb-local", "redis-local"),
+        choices=(
+            "sqlite",
+            "memory",
+            "dynamodb",
+            "redis",
+            "postgres",
+            "dynamodb-local",
+            "redis-local",
+        ),
         default="sqlite",
         help="the idempotency store (default: %(default)s, a temporary file that needs no "
         "service); dynamodb-local and redis-local start DynamoDB Local or a redis-server for the "
-        "demo and stop it after",
+        "demo and stop it after; postgres makes a table of its own on the server at "
+        f"IDEM_DEMO_POSTGRES_DSN (default {stores.DEFAULT_POSTGRES_DSN}, or a private server "
+        "when none answers there) and drops it after",
     )
     parser.add_argument(
         "--table",
@@ -74,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store = stores.sqlite()
             elif args.store == "redis":
                 store = stores.redis(args.redis_url)
+            elif args.store == "postgres":
+                store = stores.postgres(services)
             elif args.store == "redis-local":
                 store = stores.redis_local(services)
             elif args.store == "dynamodb-local":
