@@ -163,7 +163,7 @@ def test_demo_on_postgres_drops_its_table(postgres_conninfo: str) -> None:
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "✓ All 10 expectations held" in result.stdout
+    assert "✓ All 14 expectations held" in result.stdout
     assert "2. Flask on gunicorn (2 worker processes" in result.stdout, "a store shared by workers"
     table = re.search(
         r"Idempotency store: PostgreSQL table (idem_demo_[0-9a-f]{12})\.idempotency_records",
