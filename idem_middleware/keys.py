@@ -40,7 +40,9 @@ def parse_key(values: list[str]) -> str:
 
     The field is an RFC 9651 sf-string (``"abc"``); bare values such as UUIDs are not valid
     sf-items, so a bare value is accepted as a lenient extension and names the same key as its
-    quoted form. Parameters on the item are ignored, as RFC 9651 asks of unknown parameters.
+    quoted form. Parameters on a quoted item are ignored, as RFC 9651 asks of unknown
+    parameters; a bare value is the key whole, ";" included: cutting it there would make
+    ``order;1`` and ``order;2`` one key, and replay one request's answer to the other.
     """
     if len(values) != 1:
         raise IdempotencyKeyInvalidError("the Idempotency-Key header must appear exactly once")
@@ -59,7 +61,7 @@ def parse_key(values: list[str]) -> str:
         if not isinstance(key, str):  # pragma: no cover - a leading quote always parses as a string
             raise IdempotencyKeyInvalidError("the Idempotency-Key header must be a string")
     else:
-        key = value.partition(";")[0]
+        key = value
         if not _is_bare_key(key):
             raise IdempotencyKeyInvalidError(
                 "an unquoted Idempotency-Key must be printable ASCII without spaces, "
@@ -90,9 +92,9 @@ def _is_bare_key(key: str) -> bool:
     return _BARE_KEY.fullmatch(key) is not None
 
 
-# A bare key of 1 to 255 characters without parameters (no ";"), blanks around it allowed: the
-# value parse_key accepts as it is, decided by one match.
-_PLAIN_BARE_KEY = re.compile(r"[ \t]*([\x21\x23-\x2b\x2d-\x3a\x3c-\x7e]{1,255})[ \t]*")
+# A bare key of 1 to 255 characters, blanks around it allowed: the value parse_key accepts as
+# it is, decided by one match.
+_PLAIN_BARE_KEY = re.compile(r"[ \t]*([\x21\x23-\x2b\x2d-\x7e]{1,255})[ \t]*")
 
 
 class KeyDeriver:
