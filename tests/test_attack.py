@@ -9,6 +9,9 @@ from collections.abc import Callable
 import pytest
 
 from idem_middleware.keys import parse_key
+from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
+from idem_middleware.persistence.record import STATUS_COMPLETED
+from idem_middleware.responses import StoredResponse
 from tests.support.harness import Harness, assert_problem
 
 Make = Callable[..., Harness]
@@ -31,3 +34,46 @@ def test_bare_keys_that_differ_after_a_semicolon_name_two_records(make: Make) ->
 @pytest.mark.parametrize("value", ["order;1", "abc;", "a;b=c", "x;y"])
 def test_parse_key_keeps_a_bare_key_whole(value: str) -> None:
     assert parse_key([value]) == value
+
+
+# A store returning garbage ------------------------------------------------------------------
+
+GARBAGE_RESPONSES = [
+    # a header value latin-1 cannot carry: ASGI's encode raised, a 500
+    '{"status":200,"headers":[["x-a","\\u2603"]],"body":"hi"}',
+    # a header value that splits the response: werkzeug raised under WSGI
+    '{"status":200,"headers":[["x-a","a\\r\\nSet-Cookie: evil=1"]],"body":"hi"}',
+    # a header name that is no HTTP field name
+    '{"status":200,"headers":[["bad name","v"]],"body":"hi"}',
+    # statuses no server can send: replayed as they were
+    '{"status":99999,"headers":[],"body":"hi"}',
+    '{"status":true,"headers":[],"body":"hi"}',
+]
+
+
+@pytest.mark.parametrize("data", GARBAGE_RESPONSES)
+def test_a_garbage_stored_response_is_a_503_not_a_500_nor_a_replay(make: Make, data: str) -> None:
+    layer = InMemoryPersistenceLayer()
+    harness = make(layer)
+    headers = [("Idempotency-Key", "k")]
+    assert harness.request("POST", "/orders", headers=headers, json_body={"a": 1}).status == 201
+    ((key, record),) = layer._records.items()
+    layer._records[key] = DataRecord(
+        key,
+        STATUS_COMPLETED,
+        record.expiry_timestamp,
+        record.in_progress_expiry_timestamp,
+        data,
+        record.payload_hash,
+        lease_id=record.lease_id,
+    )
+    reply = harness.request("POST", "/orders", headers=headers, json_body={"a": 1})
+    assert_problem(reply, 503, "idempotency_store_unavailable")
+    assert harness.calls["orders"] == 1
+
+
+def test_stored_response_decode_keeps_every_valid_response() -> None:
+    response = StoredResponse(
+        599, (("X-Latin", "caf\xe9"), ("x-empty", "")), b"\xff", body_omitted=True, reason="Odd"
+    )
+    assert StoredResponse.decode(response.encode()) == response
