@@ -5,14 +5,18 @@ a failing store: each test reproduces one bug with the exact input that exposed 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from idem_middleware import IdempotencyConfig, IdempotencyWSGIMiddleware
 from idem_middleware.keys import parse_key
 from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED
 from idem_middleware.responses import StoredResponse
 from tests.support.harness import Harness, assert_problem
+from tests.support.wsgi import WSGIServer
+from tests.support.wsgi import environ as wsgi_environ
 
 Make = Callable[..., Harness]
 
@@ -77,3 +81,28 @@ def test_stored_response_decode_keeps_every_valid_response() -> None:
         599, (("X-Latin", "caf\xe9"), ("x-empty", "")), b"\xff", body_omitted=True, reason="Odd"
     )
     assert StoredResponse.decode(response.encode()) == response
+
+
+# Careless integrator ------------------------------------------------------------------------
+
+
+def _ok_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("201 Created", [("content-type", "text/plain")])
+    return [b"created"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine.prepare passes the scope callable's result to build_idempotency_key "
+    "unchecked: an int fails with AttributeError 'int' object has no attribute 'encode' (a "
+    "500 naming nothing), and None silently makes the request unscoped",
+)
+@pytest.mark.parametrize("result", [42, None])
+def test_a_scope_that_returns_no_str_is_a_type_error_naming_scope(result: object) -> None:
+    middleware = IdempotencyWSGIMiddleware(
+        _ok_app,
+        persistence_layer=InMemoryPersistenceLayer(),
+        config=IdempotencyConfig(scope=lambda request: result),  # type: ignore[arg-type,return-value]
+    )
+    with pytest.raises(TypeError, match="scope"):
+        WSGIServer().call(middleware, wsgi_environ(b"{}", path="/orders"))
