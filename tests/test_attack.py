@@ -188,3 +188,25 @@ def test_two_mounted_apps_sharing_a_layer_never_answer_for_each_other(
     assert answers[0] == (201, {"api": "v1"})
     status, document = answers[1]
     assert (status, document) == (201, {"api": "v2"}) or status == 422
+
+
+@pytest.mark.parametrize("field", ["header_name", "replay_header"])
+def test_a_header_name_with_a_trailing_newline_is_refused(field: str) -> None:
+    # re.match(r"^token$") accepted "Idempotency-Key\n": "$" matches before a final newline.
+    with pytest.raises(ValueError, match=field):
+        IdempotencyConfig(**{field: "Idempotency-Key\n"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", ["require_key", "use_local_cache", "store_server_errors"])
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_a_flag_that_is_not_a_bool_is_refused(field: str, value: object) -> None:
+    # The config a newcomer writes from the environment: require_key=os.environ.get(..., "false")
+    # is a truthy string that turned the option on.
+    with pytest.raises((TypeError, ValueError), match=field):
+        IdempotencyConfig(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [5, b"tenant"])
+def test_a_key_prefix_that_is_not_a_str_is_refused_naming_it(value: object) -> None:
+    with pytest.raises((TypeError, ValueError), match="key_prefix"):
+        IdempotencyConfig(key_prefix=value)  # type: ignore[arg-type]
