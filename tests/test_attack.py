@@ -210,3 +210,11 @@ def test_a_flag_that_is_not_a_bool_is_refused(field: str, value: object) -> None
 def test_a_key_prefix_that_is_not_a_str_is_refused_naming_it(value: object) -> None:
     with pytest.raises((TypeError, ValueError), match="key_prefix"):
         IdempotencyConfig(key_prefix=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["60", None, -1, float("nan"), float("inf"), True])
+def test_a_bad_sweep_interval_is_refused_at_construction(value: object) -> None:
+    # "60" and None were accepted, then every covered request failed with a TypeError (a 500);
+    # nan never swept.
+    with pytest.raises((TypeError, ValueError), match="sweep_interval_seconds"):
+        InMemoryPersistenceLayer(sweep_interval_seconds=value)  # type: ignore[arg-type]
