@@ -218,3 +218,28 @@ def test_a_bad_sweep_interval_is_refused_at_construction(value: object) -> None:
     # nan never swept.
     with pytest.raises((TypeError, ValueError), match="sweep_interval_seconds"):
         InMemoryPersistenceLayer(sweep_interval_seconds=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        # Accepted, then against DynamoDB Local every completion failed ("Two document paths
+        # overlap", or the status overwritten by the data), the record stayed in progress, and
+        # the retry after the lease ran the handler a second time.
+        ({"data_attr": "status"}, "data_attr"),
+        ({"validation_key_attr": "data"}, "validation_key_attr"),
+        ({"lease_id_attr": "in_progress_expiration"}, "lease_id_attr"),
+        ({"expiry_attr": "id"}, "expiry_attr"),
+        ({"sort_key_attr": "sk", "data_attr": "sk"}, "data_attr"),
+        ({"key_attr": ""}, "key_attr"),
+        ({"table_name": ""}, "table_name"),
+    ],
+)
+def test_dynamodb_attribute_names_that_collide_are_refused_at_construction(
+    options: dict[str, str], field: str
+) -> None:
+    from idem_middleware.persistence import DynamoDBPersistenceLayer
+
+    options = {"table_name": "idempotency", **options}
+    with pytest.raises(ValueError, match=field):
+        DynamoDBPersistenceLayer(boto3_client=object(), **options)  # type: ignore[arg-type]
