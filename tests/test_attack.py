@@ -243,3 +243,42 @@ def test_dynamodb_attribute_names_that_collide_are_refused_at_construction(
     options = {"table_name": "idempotency", **options}
     with pytest.raises(ValueError, match=field):
         DynamoDBPersistenceLayer(boto3_client=object(), **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"table_name": "records\n"}, "table_name"),  # "$" matched before the final newline
+        ({"schema": "public\n"}, "schema"),
+        ({"purge_interval_seconds": float("nan")}, "purge_interval_seconds"),
+        ({"pool_timeout_seconds": float("nan")}, "pool_timeout_seconds"),
+        ({"statement_timeout_seconds": float("nan")}, "statement_timeout_seconds"),
+        ({"min_pool_size": "1"}, "pool_size"),
+        ({"table_name": 5}, "table_name"),
+    ],
+)
+def test_postgres_options_that_cannot_work_are_refused_naming_them(
+    options: dict[str, Any], field: str
+) -> None:
+    from idem_middleware.persistence import PostgresPersistenceLayer
+
+    with pytest.raises(ValueError, match=field):
+        PostgresPersistenceLayer("postgresql://user@localhost/db", **options)
+
+
+def test_postgres_sub_millisecond_statement_timeout_is_not_no_timeout() -> None:
+    # 0.0004 s was sent as "0ms", which PostgreSQL reads as "no statement timeout at all".
+    from idem_middleware.persistence import PostgresPersistenceLayer
+
+    layer = PostgresPersistenceLayer(
+        "postgresql://user@localhost/db", statement_timeout_seconds=0.0004
+    )
+    executed: list[tuple[str, Any]] = []
+
+    class Connection:
+        def execute(self, query: str, params: Any) -> None:
+            executed.append((query, params))
+
+    layer._configure_connection(Connection())  # type: ignore[arg-type]
+    assert executed
+    assert executed[0][1] != ("0ms",)
