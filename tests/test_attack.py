@@ -282,3 +282,19 @@ def test_postgres_sub_millisecond_statement_timeout_is_not_no_timeout() -> None:
     layer._configure_connection(Connection())  # type: ignore[arg-type]
     assert executed
     assert executed[0][1] != ("0ms",)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="IdempotencyEngine.__init__ does not check config's type: a dict of options fails "
+    "in persistence_layer.configure with AttributeError \"'dict' object has no attribute "
+    "'key_prefix'\", which names neither config nor IdempotencyConfig",
+)
+@pytest.mark.parametrize("adapter", [IdempotencyMiddleware, IdempotencyWSGIMiddleware])
+def test_a_dict_given_as_config_is_a_type_error_naming_config(adapter: Any) -> None:
+    with pytest.raises(TypeError, match="config"):
+        adapter(
+            _ok_app,
+            persistence_layer=InMemoryPersistenceLayer(),
+            config={"require_key": True},
+        )
