@@ -34,8 +34,8 @@ Make = Callable[..., Harness]
 
 
 def test_bare_keys_that_differ_after_a_semicolon_name_two_records(make: Make) -> None:
-    # "order;1" is not an sf-item with parameters (a parameter name cannot start with a digit):
-    # it is a bare key taken whole. Cutting it at ";" made "order;2" replay "order;1"'s answer.
+    # A bare key is the lenient extension, not an sf-item: it is taken whole. Cutting it at ";"
+    # as if it had parameters made "order;2" replay "order;1"'s answer.
     harness = make()
     first = harness.request("POST", "/orders", headers=[("Idempotency-Key", "order;1")])
     second = harness.request("POST", "/orders", headers=[("Idempotency-Key", "order;2")])
