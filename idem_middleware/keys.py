@@ -112,10 +112,10 @@ class KeyDeriver:
     def key_material(self, request: IdempotencyRequest) -> str | None:
         """What names this request's record, or ``None`` when the request carries no key.
 
-        A body-derived key is scoped to the method and route path, as Powertools scopes keys to
-        the function: the same body sent to two routes is two operations. A selection that is
-        null, an empty string, or a list or object of nulls only is no key (as in Powertools),
-        so requests lacking the selected fields never share one record.
+        A body-derived key is scoped to the method, route path and query, as Powertools scopes
+        keys to the function: the same body sent to two routes is two operations. A selection
+        that is null, an empty string, or a list or object of nulls only is no key (as in
+        Powertools), so requests lacking the selected fields never share one record.
 
         Raises :class:`IdempotencyKeyInvalidError` for a malformed header and
         :class:`IdempotencyKeyError` when a JMESPath is configured and the body is not JSON or
@@ -141,6 +141,12 @@ class KeyDeriver:
         path = request.path.encode("utf-8", "surrogateescape")
         digest = self._hash(b"\0".join((method, path, b"")))
         digest.update(content)
+        if request.query_string:
+            # The fingerprint covers the query, so two requests that differ in it are two
+            # operations: one key would answer the second with a 422 it has no key to change.
+            # Appended after the fixed-length hex digest, it cannot be confused with a body, and
+            # keys of requests without a query stay as they were.
+            return f"body:{digest.hexdigest()}?{request.query_string}"
         return "body:" + digest.hexdigest()
 
     def fingerprint(self, request: IdempotencyRequest) -> str:

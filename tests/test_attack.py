@@ -49,6 +49,23 @@ def test_parse_key_keeps_a_bare_key_whole(value: str) -> None:
     assert parse_key([value]) == value
 
 
+@pytest.mark.parametrize("selection", [None, "amount"])
+def test_body_keys_of_requests_that_differ_in_their_query_are_two_operations(
+    make: Make, selection: str | None
+) -> None:
+    # The body-derived key covered method and path but not the query, which the fingerprint
+    # covers: the second request got 422 idempotency_key_reused for 24 hours, with no key of its
+    # own to change.
+    harness = make(key_source="body", event_key_jmespath=selection)
+    first = harness.request("POST", "/orders?dry_run=true", json_body={"amount": 5})
+    second = harness.request("POST", "/orders?dry_run=false", json_body={"amount": 5})
+    assert (first.status, second.status) == (201, 201)
+    assert harness.calls["orders"] == 2
+    retry = harness.request("POST", "/orders?dry_run=false", json_body={"amount": 5})
+    assert retry.header("idempotent-replayed") == "true"
+    assert retry.body == second.body
+
+
 # A store returning garbage ------------------------------------------------------------------
 
 GARBAGE_RESPONSES = [
