@@ -376,5 +376,5 @@ def test_the_middleware_added_twice_on_one_layer_still_runs_the_handler(kind: st
 def test_a_memory_url_with_options_it_cannot_honour_is_refused(url: str) -> None:
     from idem_middleware.persistence import from_url
 
-    with pytest.raises(ValueError, match="max_items|bogus"):
+    with pytest.raises(ValueError, match=r"max_items|bogus"):
         from_url(url)
