@@ -48,7 +48,7 @@ DEFAULT_REPLAY_EXCLUDED_HEADERS = frozenset(
 #: released like a 5xx, never stored, so the client's retry after its Retry-After runs the handler.
 DEFAULT_TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _KEY_SOURCES = ("header", "body", "header_or_body")
 _STORE_ERROR_POLICIES = ("reject", "passthrough")
 # Algorithms whose digest length must be chosen by the caller cannot name a stable key.
@@ -120,6 +120,10 @@ class IdempotencyConfig:
         _require(_is_token(self.header_name), "header_name", "must be an HTTP field name")
         _require(_is_token(self.replay_header), "replay_header", "must be an HTTP field name")
         _require(self.key_source in _KEY_SOURCES, "key_source", f"must be one of {_KEY_SOURCES}")
+        for flag in ("require_key", "use_local_cache", "store_server_errors"):
+            # A truthy string read from the environment ("false") must not turn an option on.
+            value = getattr(self, flag)
+            _require(isinstance(value, bool), flag, f"must be True or False, got {value!r}")
         _require(bool(self.methods), "methods", "must name at least one method")
         for method in self.methods:
             _require(
@@ -190,7 +194,9 @@ class IdempotencyConfig:
         )
         if self.key_prefix is not None:
             _require(
-                bool(self.key_prefix) and "#" not in self.key_prefix,
+                isinstance(self.key_prefix, str)
+                and bool(self.key_prefix)
+                and "#" not in self.key_prefix,
                 "key_prefix",
                 "must be a non-empty string without '#'",
             )
@@ -220,7 +226,8 @@ def _members(value: object, name: str) -> list[object]:
 
 
 def _is_token(value: object) -> bool:
-    return isinstance(value, str) and bool(_TOKEN.match(value))
+    # fullmatch: "$" would let a final newline through ("Idempotency-Key\n").
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
 
 
 def _require(condition: bool, name: str, message: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import threading
@@ -51,7 +52,7 @@ from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 
 logger = logging.getLogger(__name__)
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _COLUMNS = "id, status, expiration, in_progress_expiration, data, validation, lease_id"
 #: A claim that finds neither a claim nor a record has met a row committed after its snapshot;
 #: each rerun sees everything committed before it starts, so more than a few means a fault.
@@ -105,21 +106,34 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             raise ValueError("pass either conninfo or pool (exactly one)")
         if pool is not None and not callable(getattr(pool, "connection", None)):
             raise TypeError("pool must lend connections through a connection() context manager")
-        if not _IDENTIFIER.match(table_name):
+        if not isinstance(table_name, str) or not _IDENTIFIER.fullmatch(table_name):
             raise ValueError(f"table_name must be a plain SQL identifier, got {table_name!r}")
-        if schema is not None and not _IDENTIFIER.match(schema):
+        if schema is not None and (
+            not isinstance(schema, str) or not _IDENTIFIER.fullmatch(schema)
+        ):
             raise ValueError(f"schema must be a plain SQL identifier, got {schema!r}")
-        if min_pool_size < 0 or max_pool_size < max(1, min_pool_size):
-            raise ValueError("need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1")
-        if pool_timeout_seconds <= 0:
+        if not (
+            _is_int(min_pool_size)
+            and _is_int(max_pool_size)
+            and min_pool_size >= 0
+            and max_pool_size >= max(1, min_pool_size)
+        ):
+            raise ValueError(
+                "need integers 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, "
+                f"got min_pool_size={min_pool_size!r}, max_pool_size={max_pool_size!r}"
+            )
+        # Finite numbers only: nan passes every "<= 0" check, then fails or disables each use.
+        if not _is_finite(pool_timeout_seconds) or pool_timeout_seconds <= 0:
             raise ValueError("pool_timeout_seconds must be > 0")
-        if connect_timeout_seconds < 1:
+        if not _is_finite(connect_timeout_seconds) or connect_timeout_seconds < 1:
             raise ValueError("connect_timeout_seconds must be >= 1")
-        if statement_timeout_seconds is not None and statement_timeout_seconds <= 0:
+        if statement_timeout_seconds is not None and (
+            not _is_finite(statement_timeout_seconds) or statement_timeout_seconds <= 0
+        ):
             raise ValueError("statement_timeout_seconds must be > 0 (or None for no limit)")
-        if purge_interval_seconds <= 0:
+        if not _is_finite(purge_interval_seconds) or purge_interval_seconds <= 0:
             raise ValueError("purge_interval_seconds must be > 0")
-        if purge_batch_size < 1:
+        if not _is_int(purge_batch_size) or purge_batch_size < 1:
             raise ValueError("purge_batch_size must be >= 1")
 
         self.conninfo = conninfo
@@ -483,7 +497,8 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         if self.statement_timeout_seconds is not None:
             connection.execute(
                 "SELECT set_config('statement_timeout', %s, false)",
-                (f"{int(self.statement_timeout_seconds * 1000)}ms",),
+                # At least 1 ms: PostgreSQL reads "0ms" as no timeout at all.
+                (f"{max(1, math.ceil(self.statement_timeout_seconds * 1000))}ms",),
             )
 
     @contextmanager
@@ -611,3 +626,11 @@ def _reset_locks_at_fork(layer: PostgresPersistenceLayer) -> None:
             target._next_purge = 0.0
 
     os.register_at_fork(after_in_child=after_in_child)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
