@@ -151,6 +151,11 @@ class IdempotencyEngine:
                 "persistence_layer: expected a BasePersistenceLayer instance such as "
                 f"InMemoryPersistenceLayer(), got {persistence_layer!r}{hint}"
             )
+        if config is not None and not isinstance(config, IdempotencyConfig):
+            raise TypeError(
+                "config: expected an IdempotencyConfig instance such as "
+                f"IdempotencyConfig(require_key=True), got {config!r}"
+            )
         self.config = config or IdempotencyConfig()
         self.persistence_layer = persistence_layer
         persistence_layer.configure(self.config)
@@ -238,12 +243,22 @@ class IdempotencyEngine:
             payload_hash = self.keys.fingerprint(request)
         except IdempotencyHTTPError as error:
             return self._reject(request, error)
-        scope = self.config.scope(request) if self.config.scope is not None else None
+        scope = self._scope_of(request) if self.config.scope is not None else None
         key = self.persistence_layer.build_idempotency_key(material, scope)
         cached = self.persistence_layer.get_cached_record(key)
         if cached is not None:
             return self._answer_existing(request, cached, payload_hash)
         return PendingClaim(request, key, payload_hash)
+
+    def _scope_of(self, request: IdempotencyRequest) -> str:
+        assert self.config.scope is not None
+        scope = self.config.scope(request)
+        if not isinstance(scope, str):
+            # None would silently share records between principals; say which callable is wrong.
+            raise TypeError(
+                f"IdempotencyConfig.scope must return a str, got {type(scope).__name__} {scope!r}"
+            )
+        return scope
 
     def claim(self, pending: PendingClaim) -> Decision:
         """Claim the key with one atomic store call; a collision is answered from the record

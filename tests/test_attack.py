@@ -117,12 +117,6 @@ def _ok_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [b"created"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.prepare passes the scope callable's result to build_idempotency_key "
-    "unchecked: an int fails with AttributeError 'int' object has no attribute 'encode' (a "
-    "500 naming nothing), and None silently makes the request unscoped",
-)
 @pytest.mark.parametrize("result", [42, None])
 def test_a_scope_that_returns_no_str_is_a_type_error_naming_scope(result: object) -> None:
     middleware = IdempotencyWSGIMiddleware(
@@ -301,12 +295,6 @@ def test_postgres_sub_millisecond_statement_timeout_is_not_no_timeout() -> None:
     assert executed[0][1] != ("0ms",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="IdempotencyEngine.__init__ does not check config's type: a dict of options fails "
-    "in persistence_layer.configure with AttributeError \"'dict' object has no attribute "
-    "'key_prefix'\", which names neither config nor IdempotencyConfig",
-)
 @pytest.mark.parametrize("adapter", [IdempotencyMiddleware, IdempotencyWSGIMiddleware])
 def test_a_dict_given_as_config_is_a_type_error_naming_config(adapter: Any) -> None:
     with pytest.raises(TypeError, match="config"):
@@ -364,12 +352,6 @@ def test_the_middleware_added_twice_on_one_layer_still_runs_the_handler(kind: st
     assert len(runs) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="url.py: the memory scheme declares no parameters, so from_url drops its whole "
-    "query unread: memory://?max_items=abc, ?max_items=0 and ?bogus=1 build a default "
-    "InMemoryPersistenceLayer without a word",
-)
 @pytest.mark.parametrize(
     "url", ["memory://?max_items=abc", "memory://?max_items=0", "memory://?bogus=1"]
 )
