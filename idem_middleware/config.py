@@ -17,6 +17,7 @@ from idem_middleware.routes import translate
 if TYPE_CHECKING:
     from idem_middleware.engine import IdempotencyEvent
     from idem_middleware.request import IdempotencyRequest
+    from idem_middleware.responses import StoredResponse
 
 KeySource = Literal["header", "body", "header_or_body"]
 StoreErrorPolicy = Literal["reject", "passthrough"]
@@ -94,6 +95,9 @@ class IdempotencyConfig:
     max_stored_response_bytes: int | None = None
     on_store_error: StoreErrorPolicy = "reject"
     on_event: Callable[[IdempotencyEvent], None] | None = field(default=None, compare=False)
+    response_hook: Callable[[StoredResponse, IdempotencyRequest], StoredResponse] | None = field(
+        default=None, compare=False
+    )
 
     def __post_init__(self) -> None:
         # Accept any iterable for the collection fields, but store immutable, normalised values
@@ -202,6 +206,11 @@ class IdempotencyConfig:
             )
         _require(self.scope is None or callable(self.scope), "scope", "must be callable")
         _require(self.on_event is None or callable(self.on_event), "on_event", "must be callable")
+        _require(
+            self.response_hook is None or callable(self.response_hook),
+            "response_hook",
+            "must be callable: (StoredResponse, IdempotencyRequest) -> StoredResponse",
+        )
         _require(
             self.on_store_error in _STORE_ERROR_POLICIES,
             "on_store_error",
