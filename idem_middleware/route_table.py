@@ -115,10 +115,34 @@ def _starlette_endpoints(routes: list[Any]) -> list[Endpoint] | None:
                 yield from walk(route.routes, mount, prefix_path + route.path_format)
                 # A Mount takes every path under it, even those its own routes do not route.
                 yield Endpoint(mount + "/.*", None, prefix_path + route.path_format, None)
+            else:
+                # FastAPI's included routers (kept lazily since FastAPI 0.1xx), through the
+                # iterator its own OpenAPI generator uses.
+                for context in _fastapi_route_contexts(route):
+                    if isinstance(context.original_route, Mount):
+                        mount = prefix + pattern(context.path)
+                        yield from walk(context.routes, mount, prefix_path + context.path_format)
+                        yield Endpoint(mount + "/.*", None, prefix_path + context.path_format, None)
+                    elif isinstance(context.original_route, Route):
+                        methods = context.methods
+                        yield Endpoint(
+                            prefix + pattern(context.path),
+                            frozenset(methods) if methods else None,
+                            prefix_path + context.path_format,
+                            context.endpoint,
+                        )
             # Host and WebSocketRoute: not told apart by an HTTP path; requests they route
             # follow the middleware's config.
 
     return list(walk(routes, "", ""))
+
+
+def _fastapi_route_contexts(route: object) -> Iterator[Any]:
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # not FastAPI, or a FastAPI that flattens included routers
+        return iter(())
+    return iter_route_contexts([route])  # type: ignore[list-item]
 
 
 def _flask_endpoints(app: Any) -> list[Endpoint]:
