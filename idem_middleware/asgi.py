@@ -137,12 +137,12 @@ class IdempotencyMiddleware:
         """
         self.routes.resolve()
 
-    def routes_problem(self) -> str | None:
-        """Why the ``@idempotent`` options of the app's routes are invalid, or ``None``."""
+    def routes_error(self) -> ValueError | TypeError | None:
+        """What is wrong with the ``@idempotent`` options of the app's routes, or ``None``."""
         try:
             self.resolve_routes()
         except (ValueError, TypeError) as exc:
-            return f"invalid per-route idempotency options: {exc}"
+            return exc
         return None
 
     async def store_problem(self) -> str | None:
@@ -172,11 +172,16 @@ class LifespanCheck:
         self.server_send = send
         self.problem: str | None = None
         self.reported = False
+        self.error: Exception | None = None  # invalid per-route options, raised at the end
 
     async def run(self, scope: Scope) -> None:
         await self.middleware.app(scope, self.receive, self.send)
         if self.problem is not None and not self.reported:  # the app ended without shutting down
             await self.report()
+        if self.error is not None:
+            # Raised after the report, as Starlette's own lifespan does: a server has already
+            # heard, and Starlette's TestClient raises it from ``with TestClient(app)``.
+            raise self.error
 
     async def receive(self) -> Message:
         if self.problem is not None:
@@ -187,8 +192,9 @@ class LifespanCheck:
         kind = message["type"]
         if kind == "lifespan.startup.complete":
             # Per-route options are checked once the app's startup has run (it may add routes).
-            self.problem = self.middleware.routes_problem()
-            if self.problem is not None:
+            self.error = self.middleware.routes_error()
+            if self.error is not None:
+                self.problem = f"invalid per-route idempotency options: {self.error}"
                 return  # the app shuts down first (its next receive), then the server hears
             problem = await self.middleware.store_problem()
             if problem is not None:

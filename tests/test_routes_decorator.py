@@ -265,7 +265,8 @@ async def _lifespan_startup(app: Any) -> list[dict[str, Any]]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    with pytest.raises((ValueError, TypeError)):  # raised after the report, as Starlette does
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
     return sent
 
 
@@ -281,6 +282,22 @@ def test_asgi_startup_fails_naming_the_field(options: dict[str, Any], field: str
     assert f"{field}: " in message
     assert _config_message(options) in message  # the same words as IdempotencyConfig's
     assert "/orders/{order_id}" in message  # and which route says so
+
+
+def test_with_test_client_startup_raises_naming_the_field() -> None:
+    app = FastAPI()
+    app.add_middleware(IdempotencyMiddleware, persistence_layer=InMemoryPersistenceLayer())
+
+    @app.post("/payments")
+    @idempotent(expires_after_seconds=0)
+    def create_payment() -> dict[str, Any]:
+        return {}
+
+    with (
+        pytest.raises(ValueError, match=r"/payments \(.*create_payment\): expires_after_seconds: "),
+        TestClient(app),
+    ):
+        pass
 
 
 @pytest.mark.parametrize(("options", "field"), INVALID, ids=[field for _, field in INVALID])
@@ -554,3 +571,67 @@ def test_openapi_refuses_invalid_route_options() -> None:
     document_idempotency(app, IdempotencyConfig())
     with pytest.raises(ValueError, match="expires_after_seconds: must be a positive integer"):
         app.openapi()
+
+
+# The table follows each router's own precedence ---------------------------------------------
+
+
+def test_starlette_order_decides_between_overlapping_routes() -> None:
+    """Starlette tries routes in order: ``/{tenant}/orders`` (first, decorated) serves
+    ``/static/orders`` too, and so does its per-route ``require_key``.
+    """
+    served: list[str] = []
+
+    @idempotent(require_key=True)
+    async def tenant_orders(request: Request) -> JSONResponse:
+        served.append("tenant")
+        return JSONResponse({}, status_code=201)
+
+    async def static_orders(request: Request) -> JSONResponse:
+        served.append("static")
+        return JSONResponse({}, status_code=201)
+
+    app = IdempotencyMiddleware(
+        Starlette(
+            routes=[
+                Route("/{tenant}/orders", tenant_orders, methods=["POST"]),
+                Route("/static/orders", static_orders, methods=["POST"]),
+            ]
+        ),
+        persistence_layer=InMemoryPersistenceLayer(),
+    )
+    with TestClient(app) as client:
+        refused = client.post("/static/orders")
+        served_with_key = client.post("/static/orders", headers={"Idempotency-Key": "k"})
+
+    assert refused.status_code == 400
+    assert served_with_key.status_code == 201
+    assert served == ["tenant"]
+
+
+def test_werkzeug_precedence_decides_between_overlapping_rules() -> None:
+    """Werkzeug prefers a static segment to a variable, whatever the order: ``/static/orders``
+    (undecorated) serves its path, ``/<tenant>/orders`` (decorated) the others.
+    """
+    served: list[str] = []
+    app = Flask("precedence")
+    Idempotency(app, persistence_layer=InMemoryPersistenceLayer())
+
+    @app.post("/<tenant>/orders")
+    @idempotent(require_key=True)
+    def tenant_orders(tenant: str) -> tuple[dict[str, Any], int]:
+        served.append("tenant")
+        return {}, 201
+
+    @app.post("/static/orders")
+    def static_orders() -> tuple[dict[str, Any], int]:
+        served.append("static")
+        return {}, 201
+
+    client = app.test_client()
+    static = client.post("/static/orders")
+    tenant = client.post("/acme/orders")
+
+    assert static.status_code == 201
+    assert tenant.status_code == 400
+    assert served == ["static"]
