@@ -68,7 +68,9 @@ class IdempotencyConfig:
     ``include_paths`` and ``exclude_paths`` take globs and route templates
     (:mod:`idem_middleware.routes`). Set ``scope`` whenever clients are not all the same
     principal: without it, a client that sends another client's key gets that client's stored
-    response.
+    response. ``response_hook(response, request)`` may adjust each replay before it is sent (a
+    header, a redacted field); if it fails, the replay goes out as stored.
+    Routes marked ``@idempotent`` get a copy with their own options (``dataclasses.replace``).
     """
 
     header_name: str = "Idempotency-Key"

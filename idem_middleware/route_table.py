@@ -15,6 +15,7 @@ Routes added after the table is built (after the first request) are not seen.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,8 @@ __all__ = [
     "discover_endpoints",
     "route_config",
 ]
+
+logger = logging.getLogger("idem_middleware")
 
 #: RFC 9110 section 9.2.1: methods a decorated route does not cover unless ``methods`` says so.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -356,6 +359,15 @@ class RouteResolver:
         with self._lock:
             if not self._resolved:
                 endpoints = discover_endpoints(self._app)
+                if endpoints is None:
+                    # Once, at startup: a middleware that hides the app (no ``.app``) hides its
+                    # decorators too.
+                    logger.info(
+                        "no Starlette, FastAPI or Flask routes found under the idempotency "
+                        "middleware (in %r): every request follows its config, and @idempotent "
+                        "options, if any, are not applied",
+                        self._app,
+                    )
                 table = None if endpoints is None else build_route_table(endpoints, self._engine)
                 self.table = table
                 self._resolved = True

@@ -28,9 +28,12 @@ from idem_middleware import (
     IdempotencyWSGIMiddleware,
     idempotent,
 )
+from idem_middleware.engine import IdempotencyEngine, Proceed
 from idem_middleware.flask import Idempotency
 from idem_middleware.openapi import document_idempotency
 from idem_middleware.persistence import BasePersistenceLayer, InMemoryPersistenceLayer
+from idem_middleware.request import Headers, IdempotencyRequest
+from idem_middleware.responses import StoredResponse
 from tests.support import decorated_apps
 from tooling.servers import ServerStartError, running, start_uvicorn
 
@@ -635,3 +638,34 @@ def test_werkzeug_precedence_decides_between_overlapping_rules() -> None:
     assert static.status_code == 201
     assert tenant.status_code == 400
     assert served == ["static"]
+
+
+# Per-route expiry on every store ------------------------------------------------------------
+
+SHORT_SECONDS = 60
+
+
+def test_a_route_engine_stores_its_own_expiry_on_every_backend(
+    persistence_layer: BasePersistenceLayer,
+) -> None:
+    """Route engines share the layer, configured once with the middleware's config; a route's
+    ``expires_after_seconds`` goes with its completions, the layer's own with the others.
+    """
+    base = IdempotencyEngine(persistence_layer, IdempotencyConfig())
+    route = base.for_route(IdempotencyConfig(expires_after_seconds=SHORT_SECONDS))
+    before = time.time()
+    stored = {}
+    for name, engine in (("base", base), ("route", route)):
+        request = IdempotencyRequest(
+            "POST", f"/{name}", "", Headers([("idempotency-key", name)]), b""
+        )
+        decision = engine.begin(request)
+        assert isinstance(decision, Proceed)
+        engine.complete(decision, StoredResponse(201, (), b"{}"))
+        stored[name] = persistence_layer.get_record(decision.lease.idempotency_key)
+
+    assert persistence_layer.config.expires_after_seconds == 86_400  # configured once
+    route_expiry = stored["route"].expiry_timestamp or 0
+    base_expiry = stored["base"].expiry_timestamp or 0
+    assert before + SHORT_SECONDS - 1 <= route_expiry <= time.time() + SHORT_SECONDS + 1
+    assert base_expiry >= before + 86_400 - 1
