@@ -23,33 +23,11 @@ from idem_middleware.engine import IdempotencyEngine
 from idem_middleware.keys import KeyDeriver
 from idem_middleware.persistence import InMemoryPersistenceLayer
 from idem_middleware.request import Headers
-from tests.support.harness import Harness, Reply
+from tests.support.harness import Harness, Reply, assert_problem
 
 KEY = [("Idempotency-Key", "order-1")]
 
 MakeHarness = Callable[..., Harness]
-
-
-@pytest.fixture(params=["asgi", "wsgi"])
-def make(request: pytest.FixtureRequest) -> MakeHarness:
-    def factory(layer: InMemoryPersistenceLayer | None = None, **config: object) -> Harness:
-        return Harness(
-            request.param,
-            layer if layer is not None else InMemoryPersistenceLayer(),
-            IdempotencyConfig(**config),
-        )
-
-    return factory
-
-
-def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, reply.body
-    assert reply.header("content-type") == "application/problem+json"
-    problem: dict[str, Any] = reply.json()
-    assert problem["status"] == status
-    assert problem["code"] == code
-    assert problem["detail"]
-    return problem
 
 
 def send(

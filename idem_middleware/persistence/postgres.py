@@ -370,7 +370,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                 (self._regclass_name(),),
             ).fetchone()
         if row is None or not row[0]:
-            raise IdempotencyPersistenceLayerError(
+            raise StoreNotAuthorisedError(
                 f"the PostgreSQL role on {self.location} may not use table "
                 f"{self.qualified_name}: GRANT SELECT, INSERT, UPDATE, DELETE ON it"
             )
@@ -381,7 +381,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         try:
             return psycopg.connect(self.conninfo, **self._connect_kwargs())
         except psycopg.OperationalError as exc:
-            raise IdempotencyPersistenceLayerError(
+            raise _connection_error_type(exc)(
                 f"cannot connect to PostgreSQL {self.location}: {exc} "
                 "(check the conninfo's host, port, dbname and user, and that the server runs)"
             ) from exc
@@ -554,6 +554,31 @@ def _is_connection_failure(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.OperationalError) and (
         exc.sqlstate is None or exc.sqlstate.startswith("08")
     )
+
+
+def _connection_error_type(exc: psycopg.OperationalError) -> type[IdempotencyPersistenceLayerError]:
+    """What a failed connection says of the store: a refused role or password, a database that
+    does not exist, or no answer at all.
+
+    libpq reports a failed connection without its SQLSTATE, so the server's message is read;
+    a server set to another language for ``lc_messages`` is then told apart less finely, as
+    unreachable, its own message still in the error.
+    """
+    sqlstate = exc.sqlstate or ""
+    message = str(exc)
+    if sqlstate.startswith("28") or any(sign in message for sign in _REFUSED_LOGIN):
+        return StoreNotAuthorisedError
+    if sqlstate == "3D000" or ('FATAL:  database "' in message and "does not exist" in message):
+        return StoreNotFoundError
+    return StoreUnreachableError
+
+
+_REFUSED_LOGIN = (
+    "password authentication failed",
+    'FATAL:  role "',
+    "no pg_hba.conf entry",
+    "authentication failed",
+)
 
 
 def _describe(params: Mapping[str, Any]) -> str:

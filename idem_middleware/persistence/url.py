@@ -104,8 +104,10 @@ def _redis(layer: LayerClass, parts: SplitResult, options: dict[str, Any]) -> Ba
 def _postgres(
     layer: LayerClass, parts: SplitResult, options: dict[str, Any]
 ) -> BasePersistenceLayer:
-    # No host is libpq's default (a local socket); the database may come from PGDATABASE too.
-    return layer(urlunsplit(parts), **options)
+    # No host is libpq's default (a local socket), and urlunsplit would drop the empty
+    # authority ("postgresql:///db" -> "postgresql:/db"): the URL is put back together by hand.
+    url = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return layer(f"{url}?{parts.query}" if parts.query else url, **options)
 
 
 def _dynamodb(
