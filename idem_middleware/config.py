@@ -17,6 +17,7 @@ from idem_middleware.routes import translate
 if TYPE_CHECKING:
     from idem_middleware.engine import IdempotencyEvent
     from idem_middleware.request import IdempotencyRequest
+    from idem_middleware.responses import StoredResponse
 
 KeySource = Literal["header", "body", "header_or_body"]
 StoreErrorPolicy = Literal["reject", "passthrough"]
@@ -67,7 +68,9 @@ class IdempotencyConfig:
     ``include_paths`` and ``exclude_paths`` take globs and route templates
     (:mod:`idem_middleware.routes`). Set ``scope`` whenever clients are not all the same
     principal: without it, a client that sends another client's key gets that client's stored
-    response.
+    response. ``response_hook(response, request)`` may adjust each replay before it is sent (a
+    header, a redacted field); if it fails, the replay goes out as stored.
+    Routes marked ``@idempotent`` get a copy with their own options (``dataclasses.replace``).
     """
 
     header_name: str = "Idempotency-Key"
@@ -94,6 +97,9 @@ class IdempotencyConfig:
     max_stored_response_bytes: int | None = None
     on_store_error: StoreErrorPolicy = "reject"
     on_event: Callable[[IdempotencyEvent], None] | None = field(default=None, compare=False)
+    response_hook: Callable[[StoredResponse, IdempotencyRequest], StoredResponse] | None = field(
+        default=None, compare=False
+    )
 
     def __post_init__(self) -> None:
         # Accept any iterable for the collection fields, but store immutable, normalised values
@@ -208,6 +214,11 @@ class IdempotencyConfig:
             )
         _require(self.scope is None or callable(self.scope), "scope", "must be callable")
         _require(self.on_event is None or callable(self.on_event), "on_event", "must be callable")
+        _require(
+            self.response_hook is None or callable(self.response_hook),
+            "response_hook",
+            "must be callable: (StoredResponse, IdempotencyRequest) -> StoredResponse",
+        )
         _require(
             self.on_store_error in _STORE_ERROR_POLICIES,
             "on_store_error",

@@ -143,7 +143,11 @@ class IdempotencyEngine:
     """Decides, for one config and one persistence layer, what happens to each request."""
 
     def __init__(
-        self, persistence_layer: BasePersistenceLayer, config: IdempotencyConfig | None = None
+        self,
+        persistence_layer: BasePersistenceLayer,
+        config: IdempotencyConfig | None = None,
+        *,
+        configure_layer: bool = True,
     ) -> None:
         if not isinstance(persistence_layer, BasePersistenceLayer):
             hint = " (a class: pass an instance)" if isinstance(persistence_layer, type) else ""
@@ -158,7 +162,10 @@ class IdempotencyEngine:
             )
         self.config = config or IdempotencyConfig()
         self.persistence_layer = persistence_layer
-        persistence_layer.configure(self.config)
+        if configure_layer:
+            persistence_layer.configure(self.config)
+        #: A route's own record lifetime, when it is not the layer's (``for_route``).
+        self._expires_after_seconds: int | None = None
         self.keys = KeyDeriver(self.config)
         #: Whether store calls block; an async adapter runs ``claim``, ``complete`` and
         #: ``release`` in a worker thread when they do.
@@ -172,8 +179,20 @@ class IdempotencyEngine:
         self._transient_statuses = self.config.transient_statuses
         #: Source of monotonic time for conflict waits; tests replace it to move time.
         self.monotonic: Callable[[], float] = time.monotonic
-        if self.config.scope is None:
+        if self.config.scope is None and configure_layer:
             _warn_unscoped(self.config)
+
+    def for_route(self, config: IdempotencyConfig) -> IdempotencyEngine:
+        """An engine for one route's config (``@idempotent``), on this engine's persistence
+        layer. The layer stays configured with this engine's config: a route may change what
+        the engine decides (keys, fingerprints, coverage, replays) and its records' lifetime,
+        which is passed with each completion, but not what the layer owns (key prefix, hash,
+        lease, local cache).
+        """
+        engine = IdempotencyEngine(self.persistence_layer, config, configure_layer=False)
+        if config.expires_after_seconds != self.persistence_layer.config.expires_after_seconds:
+            engine._expires_after_seconds = config.expires_after_seconds
+        return engine
 
     # Selection ----------------------------------------------------------------------------
 
@@ -426,7 +445,28 @@ class IdempotencyEngine:
                 request, IdempotencyPersistenceLayerError("the stored record has no response"), key
             )
         self._emit("replayed", request.method, request.path, key, status=stored.status)
-        return Respond(stored.for_replay(self.config.replay_header))
+        replay = stored.for_replay(self.config.replay_header)
+        if self.config.response_hook is not None:
+            replay = self._hooked(replay, request)
+        return Respond(replay)
+
+    def _hooked(self, replay: StoredResponse, request: IdempotencyRequest) -> StoredResponse:
+        """The replay as ``response_hook`` adjusts it; the replay as stored when the hook fails:
+        a broken hook must not turn a replay into a 500 (or a second execution).
+        """
+        assert self.config.response_hook is not None
+        try:
+            hooked = self.config.response_hook(replay, request)
+            if not isinstance(hooked, StoredResponse):
+                raise TypeError(f"returned {type(hooked).__name__}, not a StoredResponse")
+            return hooked.with_content_length()
+        except Exception:
+            logger.exception(
+                "idempotency response_hook failed on %s %s; the stored replay is sent unchanged",
+                request.method,
+                request.path,
+            )
+            return replay
 
     # While the app runs -------------------------------------------------------------------
 
@@ -480,7 +520,9 @@ class IdempotencyEngine:
         request = attempt.request
         kept = self._kept(response)
         try:
-            self.persistence_layer.save_success(attempt.lease, kept)
+            self.persistence_layer.save_success(
+                attempt.lease, kept, expires_after_seconds=self._expires_after_seconds
+            )
         except IdempotencyLeaseLostError:
             self._lease_lost(attempt)
         except IdempotencyPersistenceLayerError as error:

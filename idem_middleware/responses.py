@@ -67,6 +67,22 @@ class StoredResponse:
             self.status, tuple(headers), self.body, self.body_omitted, self.reason
         )
 
+    def with_content_length(self) -> StoredResponse:
+        """This response with a Content-Length that matches its body (after a
+        ``response_hook`` changed the body); itself when it already does.
+        """
+        if self.status in _BODILESS_STATUSES or 100 <= self.status < 200:
+            return self
+        length = str(len(self.body))
+        lengths = [value for name, value in self.headers if name.lower() == "content-length"]
+        if lengths == [length]:
+            return self
+        headers = [header for header in self.headers if header[0].lower() != "content-length"]
+        headers.append(("content-length", length))
+        return StoredResponse(
+            self.status, tuple(headers), self.body, self.body_omitted, self.reason
+        )
+
     def encode(self) -> str:
         """Serialise to the JSON string kept in a record's ``data`` attribute.
 

@@ -14,6 +14,11 @@ chunk that completes a declared Content-Length waits for the record too, so a cl
 a complete response that was not recorded. Retries while it streams get 409, later ones the
 whole response. A stream the app breaks (an exception) releases the key; one the server stops
 early (the client went away) is recorded without its body, so it never runs twice.
+
+Routes marked ``@idempotent`` (Flask views) are found in the app's ``url_map`` on the first
+request (or at :meth:`IdempotencyWSGIMiddleware.resolve_routes`); a handler running under a
+claimed key finds an :class:`~idem_middleware.state.IdempotencyState` in
+``environ["idem_middleware.idempotency"]``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from idem_middleware.lease import LeaseKeeper, wait_for_answer
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
+from idem_middleware.route_table import RouteResolver
+from idem_middleware.state import ENVIRON_KEY, IdempotencyState
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -56,13 +63,28 @@ class IdempotencyWSGIMiddleware:
     ) -> None:
         self.app = app
         self.engine = IdempotencyEngine(persistence_layer, config)
+        #: The engines of ``@idempotent`` routes, found in the app's routes on the first
+        #: request (or at :meth:`resolve_routes`).
+        self.routes = RouteResolver(app, self.engine)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         path = _request_path(environ)
-        if not self.engine.covers(method, path):
+        engine: IdempotencyEngine | None = self.engine
+        table = self.routes.table
+        if table is not None:  # some route is decorated: one regex match says which engine
+            engine = table.engine_for(method, path)
+        if engine is None or not engine.covers(method, path):
             return self.app(environ, start_response)
-        return WSGIExchange(self.engine, self.app, environ, start_response, path).run()
+        return WSGIExchange(engine, self.app, environ, start_response, path).run()
+
+    def resolve_routes(self) -> None:
+        """Read the app's routes and check their ``@idempotent`` options now, rather than on the
+        first request: call it once the routes are registered (an app factory's end).
+
+        Raises :class:`ValueError` (or :class:`TypeError`) naming the route and the field.
+        """
+        self.routes.resolve()
 
 
 class WSGIExchange:
@@ -162,6 +184,8 @@ class WSGIExchange:
 
     def run_app(self, attempt: Proceed) -> Iterable[bytes]:
         self.attempt = attempt
+        # The handler's view of its request (flask.g.idempotency with the Flask extension).
+        self.environ[ENVIRON_KEY] = IdempotencyState(attempt.lease.idempotency_key)
         self.keeper = LeaseKeeper(self.engine, attempt).start()
         try:
             iterable = self.iterable = self.app(self.environ, self.capture_start_response)

@@ -155,15 +155,23 @@ class BasePersistenceLayer(ABC):
             raise
         return lease
 
-    def save_success(self, lease: DataRecord, response: StoredResponse) -> DataRecord:
-        """Complete the record held by ``lease`` with the response to replay.
+    def save_success(
+        self,
+        lease: DataRecord,
+        response: StoredResponse,
+        *,
+        expires_after_seconds: int | None = None,
+    ) -> DataRecord:
+        """Complete the record held by ``lease`` with the response to replay, kept for
+        ``expires_after_seconds`` (default: the config's; a route's own, ``@idempotent``).
 
         Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
         """
         record = DataRecord(
             idempotency_key=lease.idempotency_key,
             status=STATUS_COMPLETED,
-            expiry_timestamp=int(self.clock()) + self.config.expires_after_seconds,
+            expiry_timestamp=int(self.clock())
+            + (expires_after_seconds or self.config.expires_after_seconds),
             in_progress_expiry_timestamp=lease.in_progress_expiry_timestamp,
             payload_hash=lease.payload_hash,
             response=response,
