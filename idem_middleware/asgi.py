@@ -119,6 +119,12 @@ class IdempotencyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        state = scope.get("state")
+        if state is not None and STATE_NAME in state:
+            # An outer IdempotencyMiddleware holds this request's key already (the middleware
+            # added twice): claiming it again would answer the request with its own 409.
+            await self.app(scope, receive, send)
+            return
         path = route_path(scope)
         engine: IdempotencyEngine | None = self.engine
         table = self.routes.table
@@ -230,6 +236,15 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+def full_path(scope: Scope, route: str) -> str:
+    """The route path with the app's mount point (``root_path``) before it: what names the
+    operation in keys and fingerprints, so two mounted apps sharing a store never answer for
+    each other (``/v1/orders`` and ``/v2/orders``).
+    """
+    root_path: str = scope.get("root_path", "")
+    return root_path.rstrip("/") + route if root_path else route
+
+
 class IdempotentExchange:
     """The state of one covered request: its buffered body, its lease and the captured response."""
 
@@ -280,7 +295,7 @@ class IdempotentExchange:
         self.body = body
         request = IdempotencyRequest(
             method=self.scope["method"],
-            path=self.path,
+            path=full_path(self.scope, self.path),
             query_string=self.scope.get("query_string", b"").decode("latin-1"),
             headers=headers,
             body=body,
