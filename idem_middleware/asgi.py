@@ -436,7 +436,8 @@ class IdempotentExchange:
         one, else off the loop when the store blocks.
         """
         if self.engine.store_async and isinstance(function, StoreStep):
-            return await function.native(*args)
+            result: T = await function.native(*args)
+            return result
         if self.engine.store_blocks:
             limiter = self.middleware.store_limiter()
             return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
@@ -454,7 +455,8 @@ class IdempotentExchange:
     async def finish_lane(self, function: Callable[..., T], *args: Any) -> T:
         """Run a store call of a request in flight (completion, release, lease renewal)."""
         if self.engine.store_async and isinstance(function, StoreStep):
-            return await function.native(*args)
+            result: T = await function.native(*args)
+            return result
         if self.engine.store_blocks:
             limiter = self.middleware.finish_limiter()
             return await anyio.to_thread.run_sync(function, *args, limiter=limiter)

@@ -240,7 +240,8 @@ async def _run(
     if store_call is not None:
         return await store_call(function, *args)
     if engine.store_async and isinstance(function, StoreStep):
-        return await function.native(*args)
+        result: T = await function.native(*args)
+        return result
     if engine.store_blocks:
         return await anyio.to_thread.run_sync(function, *args)
     return function(*args)
