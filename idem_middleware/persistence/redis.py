@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
 import redis
@@ -36,6 +35,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     ConnectionError,
+    NoScriptError,
     RedisError,
     ResponseError,
     TimeoutError,
@@ -139,25 +139,83 @@ RedisClient: TypeAlias = "redis.Redis | redis.RedisCluster"
 AsyncRedisClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.RedisCluster"
 
 
-@dataclass(frozen=True)
-class _AsyncScripts:
-    """An asyncio client and the layer's scripts registered on it, for one event loop."""
+class _AsyncRedis:
+    """An asyncio client for one event loop, the layer's scripts registered on it, and the
+    batching of their calls.
 
-    client: AsyncRedisClient
-    claim: AsyncScript
-    complete: AsyncScript
-    renew: AsyncScript
-    release: AsyncScript
+    The script calls made during one turn of the event loop go to Redis as one pipeline: under
+    load, the claims and completions of many requests share a round trip and redis-py's cost
+    per command (a pipeline of eight costs a third as much per command), while a lone call waits
+    for nothing but the end of the current turn. Each call keeps its own answer or error. A
+    Redis Cluster client calls each script directly (the keys live on different nodes).
+    """
 
-    @classmethod
-    def register(cls, client: AsyncRedisClient) -> _AsyncScripts:
-        return cls(
-            client,
-            client.register_script(_CLAIM_SCRIPT),
-            client.register_script(_COMPLETE_SCRIPT),
-            client.register_script(_RENEW_SCRIPT),
-            client.register_script(_RELEASE_SCRIPT),
-        )
+    def __init__(self, client: AsyncRedisClient) -> None:
+        self.client = client
+        self.claim = client.register_script(_CLAIM_SCRIPT)
+        self.complete = client.register_script(_COMPLETE_SCRIPT)
+        self.renew = client.register_script(_RENEW_SCRIPT)
+        self.release = client.register_script(_RELEASE_SCRIPT)
+        self._batches = not isinstance(client, redis.asyncio.RedisCluster)
+        self._pending: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()  # strong references to running batches
+
+    def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
+        """Run ``script``; the awaitable gives its reply or raises its Redis error."""
+        if not self._batches:
+            return script(keys=keys, args=args)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((script, keys, args, future))
+        if len(self._pending) == 1:
+            # A task's first step runs after the callbacks already due in this turn of the
+            # loop: the calls they make join this batch.
+            task = loop.create_task(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        return future
+
+    async def _send(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            if len(batch) == 1:
+                script, keys, args, _ = batch[0]
+                results: list[Any] = [await _reply(script(keys=keys, args=args))]
+            else:
+                pipeline = self.client.pipeline(transaction=False)
+                for script, keys, args, _ in batch:
+                    pipeline.evalsha(script.sha, len(keys), *keys, *args)
+                results = await pipeline.execute(raise_on_error=False)
+                for index, result in enumerate(results):
+                    if isinstance(result, NoScriptError):  # the server lost its scripts
+                        script, keys, args, _ = batch[index]
+                        results[index] = await _reply(script(keys=keys, args=args))
+        except BaseException as exc:  # the connection failed, or the loop is shutting down
+            for *_, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:
+                    future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+async def _reply(call: Awaitable[Any]) -> Any:
+    """A call's reply, or the Redis error it failed with (as a pipeline reports errors)."""
+    try:
+        return await call
+    except RedisError as exc:
+        return exc
 
 
 class RedisPersistenceLayer(BasePersistenceLayer):
@@ -218,13 +276,13 @@ class RedisPersistenceLayer(BasePersistenceLayer):
         self._complete: Script = client.register_script(_COMPLETE_SCRIPT)
         self._renew: Script = client.register_script(_RENEW_SCRIPT)
         self._release: Script = client.register_script(_RELEASE_SCRIPT)
-        self._given_async = None if async_client is None else _AsyncScripts.register(async_client)
+        self._given_async = None if async_client is None else _AsyncRedis(async_client)
         # An asyncio client serves the event loop it was first used on: one per loop, dropped
         # with its loop. The last one used is kept at hand, as a server runs one loop.
-        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncScripts] = (
+        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncRedis] = (
             weakref.WeakKeyDictionary()
         )
-        self._last_async: tuple[asyncio.AbstractEventLoop | None, _AsyncScripts | None] = (
+        self._last_async: tuple[asyncio.AbstractEventLoop | None, _AsyncRedis | None] = (
             None,
             None,
         )
@@ -233,7 +291,7 @@ class RedisPersistenceLayer(BasePersistenceLayer):
         """The Redis key a record is stored under."""
         return f"{self.key_namespace}{idempotency_key}"
 
-    def async_scripts(self) -> _AsyncScripts:
+    def async_redis(self) -> _AsyncRedis:
         """The asyncio client (and its scripts) for the running event loop."""
         if self._given_async is not None:
             return self._given_async
@@ -245,7 +303,7 @@ class RedisPersistenceLayer(BasePersistenceLayer):
         if scripts is None:
             if self._new_async_client is None:
                 raise RuntimeError("this RedisPersistenceLayer has no asyncio client")
-            scripts = _AsyncScripts.register(self._new_async_client())
+            scripts = _AsyncRedis(self._new_async_client())
             self._async_by_loop[loop] = scripts
         self._last_async = (loop, scripts)
         return scripts
@@ -273,7 +331,8 @@ class RedisPersistenceLayer(BasePersistenceLayer):
 
     async def _aput_record(self, data_record: DataRecord) -> None:
         keys, args = self._claim_call(data_record)
-        existing = await self._awaited("claim", self.async_scripts().claim(keys=keys, args=args))
+        scripts = self.async_redis()
+        existing = await self._awaited("claim", scripts.call(scripts.claim, keys, args))
         self._claimed(data_record, existing)
 
     def _claim_call(self, data_record: DataRecord) -> tuple[list[str], list[Any]]:
@@ -305,7 +364,7 @@ class RedisPersistenceLayer(BasePersistenceLayer):
         return self._read(idempotency_key, fields)
 
     async def _aget_record(self, idempotency_key: str) -> DataRecord:
-        client = self.async_scripts().client
+        client = self.async_redis().client
         fields = await self._awaited("HGETALL", client.hgetall(self.redis_key(idempotency_key)))
         return self._read(idempotency_key, fields)
 
@@ -324,8 +383,9 @@ class RedisPersistenceLayer(BasePersistenceLayer):
 
     async def _aupdate_record(self, data_record: DataRecord) -> None:
         keys, args = self._complete_call(data_record)
-        script = self.async_scripts().complete
-        _fenced(await self._awaited("completion", script(keys=keys, args=args)), data_record)
+        scripts = self.async_redis()
+        done = await self._awaited("completion", scripts.call(scripts.complete, keys, args))
+        _fenced(done, data_record)
 
     def _complete_call(self, data_record: DataRecord) -> tuple[list[str], list[Any]]:
         return [self.redis_key(data_record.idempotency_key)], [
@@ -350,8 +410,9 @@ class RedisPersistenceLayer(BasePersistenceLayer):
 
     async def _arenew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
         keys, args = self._renew_call(lease, renewed)
-        script = self.async_scripts().renew
-        _fenced(await self._awaited("lease renewal", script(keys=keys, args=args)), lease)
+        scripts = self.async_redis()
+        done = await self._awaited("lease renewal", scripts.call(scripts.renew, keys, args))
+        _fenced(done, lease)
 
     def _renew_call(self, lease: DataRecord, renewed: DataRecord) -> tuple[list[str], list[Any]]:
         return [self.redis_key(lease.idempotency_key)], [
@@ -373,8 +434,9 @@ class RedisPersistenceLayer(BasePersistenceLayer):
 
     async def _adelete_record(self, data_record: DataRecord) -> None:
         keys, args = self._release_call(data_record)
-        script = self.async_scripts().release
-        _fenced(await self._awaited("release", script(keys=keys, args=args)), data_record)
+        scripts = self.async_redis()
+        done = await self._awaited("release", scripts.call(scripts.release, keys, args))
+        _fenced(done, data_record)
 
     def _release_call(self, data_record: DataRecord) -> tuple[list[str], list[Any]]:
         return [self.redis_key(data_record.idempotency_key)], [
