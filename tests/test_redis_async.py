@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -452,3 +453,24 @@ def test_cluster_clients_are_accepted_and_records_spread_over_nodes(
 def test_cluster_is_for_urls_only(redis_url: str) -> None:
     with pytest.raises(ValueError, match="cluster"):
         RedisPersistenceLayer(client=redis.Redis.from_url(redis_url), cluster=True)
+
+
+# End to end: the FastAPI example on uvicorn with two worker processes, over Redis ---------------
+
+
+@pytest.mark.e2e
+def test_concurrent_retries_run_the_handler_once_on_two_uvicorn_workers(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from tests.test_e2e_servers import UVICORN_2_WORKERS_FASTAPI, app_env, exercise_exactly_once
+    from tooling.servers import running
+
+    # A database of its own: the example app's keys carry no per-test namespace.
+    url = redis_url.rsplit("/", 1)[0] + "/7"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    env = app_env(tmp_path, IDEM_STORE_URL=url)
+    with running(UVICORN_2_WORKERS_FASTAPI.start(env, tmp_path)) as server:
+        assert len(server.worker_pids) == 2
+        exercise_exactly_once(server)
