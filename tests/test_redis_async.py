@@ -450,6 +450,35 @@ def test_cluster_clients_are_accepted_and_records_spread_over_nodes(
     client.close()
 
 
+def test_the_first_concurrent_calls_of_a_fresh_cluster_client_all_succeed(
+    redis_cluster_url: str,
+) -> None:
+    """A fresh asyncio cluster client whose scripts the nodes do not know: fifty requests at
+    once each found a script missing and loaded it, and redis-py's cluster client lost
+    connections under that race (``'NoneType' object has no attribute 'writelines'``).
+    """
+    blocking = redis.RedisCluster.from_url(redis_cluster_url)
+    blocking.script_flush()
+    blocking.close()
+    layer = RedisPersistenceLayer(redis_cluster_url, cluster=True, key_namespace=namespace())
+    engine = engine_for(layer)
+
+    async def scenario() -> list[Any]:
+        keys = ["same"] * 25 + [f"distinct-{n}" for n in range(25)]
+        decisions = await asyncio.gather(
+            *(engine.claim.native(pending(engine, key)) for key in keys)
+        )
+        await layer.aclose()
+        return decisions
+
+    decisions = asyncio.run(scenario())
+    layer.client.close()
+    statuses = [d.response.status if isinstance(d, Respond) else "proceed" for d in decisions]
+    assert statuses[:25].count("proceed") == 1, statuses
+    assert statuses[:25].count(409) == 24, statuses
+    assert statuses[25:] == ["proceed"] * 25, statuses
+
+
 def test_cluster_is_for_urls_only(redis_url: str) -> None:
     with pytest.raises(ValueError, match="cluster"):
         RedisPersistenceLayer(client=redis.Redis.from_url(redis_url), cluster=True)

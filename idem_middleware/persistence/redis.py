@@ -159,11 +159,13 @@ class _AsyncRedis:
         self._batches = not isinstance(client, redis.asyncio.RedisCluster)
         self._pending: list[tuple[AsyncScript, list[str], list[Any], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()  # strong references to running batches
+        self._loading: asyncio.Future[Any] | None = None
+        self._loaded = False
 
     def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Awaitable[Any]:
         """Run ``script``; the awaitable gives its reply or raises its Redis error."""
         if not self._batches:
-            return script(keys=keys, args=args)
+            return self._call_directly(script, keys, args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((script, keys, args, future))
@@ -174,6 +176,35 @@ class _AsyncRedis:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
         return future
+
+    async def _call_directly(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        if not self._loaded:
+            await self._load_scripts()
+        return await script(keys=keys, args=args)
+
+    async def _load_scripts(self) -> None:
+        """Load the scripts on every node once, before the first call: the concurrent first
+        calls of a fresh Redis Cluster would each find a script missing and load it, a race
+        redis-py's asyncio cluster client does not survive. One load serves them all; one that
+        failed (the cluster is down) is tried again by the next call.
+        """
+        loading = self._loading
+        if loading is None:
+            loading = self._loading = asyncio.ensure_future(
+                asyncio.gather(
+                    *(
+                        self.client.script_load(script.script)
+                        for script in (self.claim, self.complete, self.renew, self.release)
+                    )
+                )
+            )
+        try:
+            await asyncio.shield(loading)
+        except BaseException:
+            if loading.done() and self._loading is loading:
+                self._loading = None
+            raise
+        self._loaded = True
 
     async def _send(self) -> None:
         batch, self._pending = self._pending, []
