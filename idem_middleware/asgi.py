@@ -455,7 +455,10 @@ class IdempotentExchange:
     async def finish_lane(self, function: Callable[..., T], *args: Any) -> T:
         """Run a store call of a request in flight (completion, release, lease renewal)."""
         if self.engine.store_async and isinstance(function, StoreStep):
-            result: T = await function.native(*args)
+            # Shielded, as a worker thread's call is never cut short: a completion cancelled
+            # halfway would leave a handler that ran with its record still in progress.
+            with anyio.CancelScope(shield=True):
+                result: T = await function.native(*args)
             return result
         if self.engine.store_blocks:
             limiter = self.middleware.finish_limiter()

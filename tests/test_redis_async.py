@@ -503,3 +503,39 @@ def test_concurrent_retries_run_the_handler_once_on_two_uvicorn_workers(
     with running(UVICORN_2_WORKERS_FASTAPI.start(env, tmp_path)) as server:
         assert len(server.worker_pids) == 2
         exercise_exactly_once(server)
+
+
+def test_a_completion_on_the_loop_is_not_cut_short_by_a_cancelled_request(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker thread's completion always finishes; awaited on the loop it must too, or a
+    request cancelled at that moment (a timeout around the app, a server shutting down) leaves
+    a handler that ran with its record in progress, and the retry runs it again.
+    """
+    layer = RedisPersistenceLayer(redis_url, key_namespace=namespace())
+    app, calls = asgi_app(layer)
+    complete = layer._aupdate_record
+
+    async def slow_complete(record: DataRecord) -> None:
+        await asyncio.sleep(0.3)  # the completion is in flight when the request is cancelled
+        await complete(record)
+
+    monkeypatch.setattr(layer, "_aupdate_record", slow_complete)
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as client:
+            key = {"Idempotency-Key": "order-1"}
+            with anyio.move_on_after(0.15):  # cut short while the completion is in flight
+                await client.post("/orders", json={"qty": 1}, headers=key)
+            monkeypatch.setattr(layer, "_aupdate_record", complete)
+            retry = await client.post("/orders", json={"qty": 1}, headers=key)
+        await layer.aclose()
+        return retry
+
+    retry = asyncio.run(scenario())
+    layer.client.close()
+    assert len(calls) == 1
+    assert retry.status_code == 201
+    assert retry.headers["idempotent-replayed"] == "true"
