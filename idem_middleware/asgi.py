@@ -42,6 +42,7 @@ from idem_middleware.engine import (
 )
 from idem_middleware.lease import AsyncLeaseKeeper, wait_for_answer_async
 from idem_middleware.persistence.base import BasePersistenceLayer
+from idem_middleware.persistence.steps import StoreStep
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
 from idem_middleware.route_table import RouteResolver
@@ -490,7 +491,12 @@ class IdempotentExchange:
         await self.send({"type": "http.response.body", "body": response.body})
 
     async def store_call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a claim, off the event loop when the store blocks."""
+        """Run a claim: on the event loop through the layer's native async path when it has
+        one, else off the loop when the store blocks.
+        """
+        if self.engine.store_async and isinstance(function, StoreStep):
+            result: T = await function.native(*args)
+            return result
         if self.engine.store_blocks:
             limiter = self.middleware.store_limiter()
             return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
@@ -507,6 +513,12 @@ class IdempotentExchange:
 
     async def finish_lane(self, function: Callable[..., T], *args: Any) -> T:
         """Run a store call of a request in flight (completion, release, lease renewal)."""
+        if self.engine.store_async and isinstance(function, StoreStep):
+            # Shielded, as a worker thread's call is never cut short: a completion cancelled
+            # halfway would leave a handler that ran with its record still in progress.
+            with anyio.CancelScope(shield=True):
+                result: T = await function.native(*args)
+            return result
         if self.engine.store_blocks:
             limiter = self.middleware.finish_limiter()
             return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
