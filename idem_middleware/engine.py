@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -118,6 +119,8 @@ class PendingClaim:
     request: IdempotencyRequest
     idempotency_key: str
     payload_hash: str
+    #: The in-progress record found holding the key, when there is one (for Retry-After).
+    holder: DataRecord | None = None
 
 
 @dataclass(slots=True)
@@ -307,7 +310,7 @@ class IdempotencyEngine:
             return outcome
         wait = self.config.conflict_wait_seconds
         return Conflict(
-            self._in_use_response(),
+            problem_response(self._in_use(pending.holder)),
             pending,
             deadline=self.monotonic() + wait,
             delay=min(FIRST_POLL_DELAY_SECONDS, wait),
@@ -336,6 +339,7 @@ class IdempotencyEngine:
                 if status == STATUS_INPROGRESS and (
                     waiting or self.config.conflict_wait_seconds > 0
                 ):
+                    pending.holder = existing
                     return self._unless_mismatch(request, existing, pending.payload_hash)
                 if status in (STATUS_COMPLETED, STATUS_INPROGRESS):
                     return self._answer_existing(request, existing, pending.payload_hash)
@@ -344,13 +348,7 @@ class IdempotencyEngine:
                 return Proceed(request, lease)
         if waiting:
             return None
-        return self._reject(
-            request,
-            IdempotencyAlreadyInProgressError(
-                "another request with this idempotency key is being processed"
-            ),
-            pending.idempotency_key,
-        )
+        return self._reject(request, self._in_use(None), pending.idempotency_key)
 
     def _unless_mismatch(
         self, request: IdempotencyRequest, record: DataRecord, payload_hash: str
@@ -387,6 +385,7 @@ class IdempotencyEngine:
             if record is None or not record.blocks_claim(layer.clock()):
                 outcome = yield from self._claim_or_raise(pending, waiting=True)
             elif record.status == STATUS_INPROGRESS:
+                pending.holder = record
                 outcome = self._unless_mismatch(request, record, pending.payload_hash)
             else:
                 outcome = self._answer_existing(request, record, pending.payload_hash)
@@ -420,16 +419,20 @@ class IdempotencyEngine:
             status=IdempotencyAlreadyInProgressError.status,
             detail=IdempotencyAlreadyInProgressError.code,
         )
-        return Respond(conflict.response)
+        return Respond(problem_response(self._in_use(conflict.pending.holder)))
 
-    @staticmethod
-    def _in_use_response() -> StoredResponse:
-        return problem_response(
-            IdempotencyAlreadyInProgressError(
-                "a request with this idempotency key is still being processed; "
-                "retry after it completes"
-            )
+    def _in_use(self, holder: DataRecord | None) -> IdempotencyAlreadyInProgressError:
+        """The 409; its Retry-After is what is left of ``holder``'s lease (at least a second):
+        by then the request has completed, or renewed its lease, or crashed and freed the key.
+        """
+        error = IdempotencyAlreadyInProgressError(
+            "a request with this idempotency key is still being processed; retry after it completes"
         )
+        lease_ms = holder.in_progress_expiry_timestamp if holder is not None else None
+        if lease_ms is not None:
+            left = math.ceil(lease_ms / 1000 - self.persistence_layer.clock())
+            error.retry_after = max(1, left)
+        return error
 
     def _answer_existing(
         self, request: IdempotencyRequest, record: DataRecord, payload_hash: str
@@ -440,15 +443,7 @@ class IdempotencyEngine:
         except IdempotencyPayloadMismatchError:
             return self._key_reused(request, key)
         if record.status == STATUS_INPROGRESS:
-            return self._reject(
-                request,
-                IdempotencyAlreadyInProgressError(
-                    "a request with this idempotency key is still being processed; "
-                    "retry after it completes"
-                ),
-                key,
-                event="conflict",
-            )
+            return self._reject(request, self._in_use(record), key, event="conflict")
         try:
             stored = record.response
         except ValueError as exc:

@@ -48,7 +48,8 @@ class IdempotencyHTTPError(IdempotencyError):
     status: ClassVar[int] = 400
     code: ClassVar[str] = "idempotency_error"
     title: ClassVar[str] = "Idempotency error"
-    retry_after: ClassVar[int | None] = None
+    #: Seconds for the ``Retry-After`` header; an instance may say more than its class.
+    retry_after: int | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)

@@ -16,6 +16,7 @@ from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
+from tests.support.backends import FakeClock
 
 CREATED = StoredResponse(201, (("content-type", "application/json"),), b'{"id": 1}')
 
@@ -66,6 +67,23 @@ def test_in_flight_is_409_with_retry_after() -> None:
     assert problem(conflict) == (409, "idempotency_key_in_use")
     assert isinstance(conflict, Respond)
     assert header(conflict.response, "retry-after") is not None
+
+
+@pytest.mark.parametrize("conflict_wait_seconds", [0, 2])
+def test_the_409s_retry_after_is_what_is_left_of_the_lease(conflict_wait_seconds: int) -> None:
+    layer = InMemoryPersistenceLayer()
+    clock = FakeClock()
+    layer.clock = clock
+    e = engine(
+        layer, in_progress_expires_after_seconds=10, conflict_wait_seconds=conflict_wait_seconds
+    )
+    assert isinstance(e.begin(request()), Proceed)
+
+    assert header(e.begin(request()).response, "retry-after") == "10"  # type: ignore[union-attr]
+    clock.advance(3.5)
+    assert header(e.begin(request()).response, "retry-after") == "7"  # type: ignore[union-attr]
+    clock.advance(6.4)  # 0.1 s of lease left: never below a second
+    assert header(e.begin(request()).response, "retry-after") == "1"  # type: ignore[union-attr]
 
 
 def test_different_fingerprint_is_422_and_the_record_is_untouched() -> None:
