@@ -34,7 +34,7 @@ from benchmarks.apps import ORDER_BODY, ORDER_PATH
 CONNECTIONS = 32
 REPLAY_KEYS = 500
 PAYMENT_BODY = b'{"amount":1250,"currency":"EUR"}'
-STORES = ("memory", "sqlite", "dynamodb", "redis")
+STORES = ("memory", "sqlite", "dynamodb", "redis", "postgres")
 #: Starlette only: (variant, uvicorn app factory, extra environment) over the same Redis.
 REDIS_VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("ours, redis (threads)", "benchmarks.apps:served_app", {"BENCH_STORE_THREADS": "on"}),
@@ -109,7 +109,12 @@ FLASK = Target(
 
 
 def _store_env(
-    store: str | None, workdir: Path, dynamodb_url: str, table: str, redis_url: str = ""
+    store: str | None,
+    workdir: Path,
+    dynamodb_url: str,
+    table: str,
+    redis_url: str = "",
+    postgres_url: str = "",
 ) -> dict[str, str]:
     env = dict(CREDENTIALS)
     if store is None:
@@ -122,6 +127,7 @@ def _store_env(
         "dynamodb": f"dynamodb://{table}?region={CREDENTIALS['AWS_DEFAULT_REGION']}"
         f"&endpoint_url={dynamodb_url}",
         "redis": redis_url,
+        "postgres": postgres_url,
     }[store]
     return env
 
@@ -261,13 +267,14 @@ def run(
         with (
             tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp,
             dynamodb(dynamodb_url) if "dynamodb" in stores else nullcontext(("", "")) as (url, _),
+            postgres_database() if "postgres" in stores else nullcontext("") as postgres_url,
         ):
             workdir = Path(tmp)
             table = _create_table(url) if url else ""
             rows: list[HTTPRow] = []
             for target in (STARLETTE, FLASK):
                 for store in (None, *stores):
-                    env = _store_env(store, workdir, url, table, redis.url)
+                    env = _store_env(store, workdir, url, table, redis.url, postgres_url)
                     rows += _measure_server(target, store, env, workdir, seconds)
                     if target is STARLETTE and store == "redis":
                         for variant, app, extra in REDIS_VARIANTS:
@@ -282,6 +289,35 @@ def run(
     finally:
         redis.stop()
     return HTTPResult(loadgen.generator_name(), seconds, rows, health)
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A database of the run's own, with the idempotency table, on the PostgreSQL server at
+    IDEM_TEST_POSTGRES_DSN (default 127.0.0.1:5432) or a private one; dropped at the end.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    from idem_middleware.persistence import PostgresPersistenceLayer
+    from tooling import postgres_server
+
+    server = postgres_server.start()
+    try:
+        name, conninfo = server.create_database()
+        try:
+            params = conninfo_to_dict(conninfo)
+            url = (
+                f"postgresql://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}"
+                f":{params.get('port', '5432')}/{name}"
+            )
+            layer = PostgresPersistenceLayer(url)
+            layer.create_table()
+            layer.close()
+            yield url
+        finally:
+            server.drop_database(name)
+    finally:
+        server.stop()
 
 
 def _create_table(endpoint_url: str) -> str:
