@@ -455,7 +455,9 @@ def _request(key: str, body: bytes = b'{"amount":5}') -> IdempotencyRequest:
 def test_store_round_trips_per_request(
     dynamodb_table: str, own_client: Any, use_local_cache: bool
 ) -> None:
-    """The persistence contract: new key = 2 store calls, replay = 1 (0 from the local cache), conflict = 1."""
+    """The persistence contract: new key = 2 store calls, replay = 1 (0 from the local
+    cache), conflict = 1.
+    """
     layer = DynamoDBPersistenceLayer(dynamodb_table, boto3_client=own_client)
     engine = IdempotencyEngine(layer, IdempotencyConfig(use_local_cache=use_local_cache))
     calls = count_calls(own_client)
