@@ -3,15 +3,26 @@
 The standard library's ``sqlite3`` in WAL mode: readers never block the writer, and the claim
 is a single ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <the existing record is dead>`` inside a
 ``BEGIN IMMEDIATE`` transaction, so across threads and processes exactly one request wins a key
-and a loser reads the record that beat it under the same write lock. Completion and release are
-fenced on the lease (``lease_id`` and ``in_progress_expiration``), as in the DynamoDB layer,
-whose attribute names the columns mirror. A table made before lease ids existed gains the
-``lease_id`` column on first connection; its rows keep working, fenced on
+and a loser reads the record that beat it under the same write lock. Completion, lease renewal
+and release are fenced on the lease (``lease_id`` and ``in_progress_expiration``), as in the
+DynamoDB layer, whose attribute names the columns mirror. A table made before lease ids existed
+gains the ``lease_id`` column on first connection; its rows keep working, fenced on
 ``in_progress_expiration`` alone.
+
+Speed without giving up ``synchronous=FULL``: each process writes through one thread of its own
+(:class:`_Writer`), which commits every write waiting at that moment in one transaction (group
+commit: one fsync for many claims and completions) instead of leaving threads to queue for the
+file's write lock in SQLite's sleeping busy handler. A claim first reads the key on the calling
+thread's own connection, which takes no lock in WAL mode: a live record (the replay, the
+conflict) is answered from there, and only a key that is free goes to the writer, which decides
+again inside its ``BEGIN IMMEDIATE`` transaction, so the claim stays atomic across processes.
+Expired records are purged by the writer when it has nothing else to do.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import logging
 import os
 import re
@@ -19,9 +30,10 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from idem_middleware.exceptions import (
     IdempotencyInvalidStatusError,
@@ -44,8 +56,17 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes
 #: ``INSERT ... ON CONFLICT DO UPDATE`` (upsert) arrived in SQLite 3.24.0.
 _MIN_SQLITE = (3, 24, 0)
-#: How long a purge on the request path waits for the write lock before leaving it for later.
+#: How long the writer's idle purge waits for the write lock before leaving it for later: the
+#: writes that arrive meanwhile wait behind it.
 _PURGE_BUSY_TIMEOUT_MS = 50
+#: Most writes committed in one transaction: bounds how long the first of them waits for the
+#: last, and the work redone when one write of a batch fails.
+_MAX_BATCH = 256
+#: How often a parked writer wakes up to see whether a purge is due (or its layer is gone).
+_WRITER_WAKE_SECONDS = 30.0
+
+T = TypeVar("T")
+Write = Callable[[sqlite3.Connection], Any]
 
 
 class _Connection(sqlite3.Connection):
@@ -67,13 +88,15 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     """Records in one table of an SQLite file: for apps served by several worker processes on
     one host (gunicorn, uvicorn ``--workers``) without a network store.
 
-    Each thread of each process opens its own connection on first use, so a layer built before
-    the server forks its workers is safe to use in every worker. A connection that waits more
-    than ``busy_timeout_seconds`` for the write lock fails with
+    Each thread of each process opens its own connection for reads on first use, and each
+    process starts its own writer thread on its first write, so a layer built before the server
+    forks its workers is safe to use in every worker. A write that waits more than
+    ``busy_timeout_seconds`` for the file's write lock (held by another process) fails with
     :class:`IdempotencyPersistenceLayerError`. Expired records are deleted every
-    ``purge_interval_seconds``, at most ``purge_batch_size`` of them by one claim (claims keep
-    purging a batch each until the backlog is gone), so the file stays bounded by the records
-    that are still live and no request pays for a large purge.
+    ``purge_interval_seconds`` by the writer thread between writes, at most
+    ``purge_batch_size`` of them per transaction (it keeps purging a batch whenever it is idle
+    until the backlog is gone), so the file stays bounded by the records that are still live
+    and no request waits for a purge.
 
     The layer never creates the file's directory: a path in a missing directory is a
     :class:`StoreNotFoundError`, from :meth:`check` at startup and from every call.
@@ -127,6 +150,9 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         # Connections inherited through a fork() that bypassed the at-fork hook: kept
         # referenced and never used nor closed in the child (SQLite's rule for fork()).
         self._inherited: list[sqlite3.Connection] = []
+        self._writer = _Writer(weakref.ref(self))
+        # A layer dropped without close() stops its writer thread (which holds it only weakly).
+        weakref.finalize(self, _Writer.shutdown, self._writer)
         _close_connections_at_fork(self)
         self._next_purge = 0.0
 
@@ -152,6 +178,11 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             "WHERE id = :id AND status = :inprogress AND in_progress_expiration = :lease "
             "AND lease_id IS :lease_id"
         )
+        self._sql_renew = self._sql(
+            "UPDATE {t} SET in_progress_expiration = :renewed, expiration = :expiration "
+            "WHERE id = :id AND status = :inprogress AND in_progress_expiration = :lease "
+            "AND lease_id IS :lease_id"
+        )
         self._sql_release = self._sql(
             "DELETE FROM {t} WHERE id = :id AND status = :inprogress "
             "AND in_progress_expiration = :lease AND lease_id IS :lease_id"
@@ -171,8 +202,21 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
 
     def _put_record(self, data_record: DataRecord) -> None:
         now = self.clock()
+        key = data_record.idempotency_key
+        with self._store_errors("claim"):
+            row = self._connection().execute(self._sql_select, (key,)).fetchone()
+        if row is not None:
+            # A replay or a conflict needs no write: a live record is the answer. A record this
+            # version cannot read goes on to the writer, whose claim may replace it (dead) or
+            # report it as unreadable (live), as a claim always did.
+            try:
+                existing = _row_to_record(row)
+            except (TypeError, ValueError, IdempotencyInvalidStatusError):
+                existing = None
+            if existing is not None and existing.blocks_claim(now):
+                raise IdempotencyItemAlreadyExistsError(existing)
         params = {
-            "id": data_record.idempotency_key,
+            "id": key,
             "status": data_record.status,
             "expiration": data_record.expiry_timestamp,
             "in_progress_expiration": data_record.in_progress_expiry_timestamp,
@@ -182,28 +226,21 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             "now_ms": int(now * 1000),
             "inprogress": STATUS_INPROGRESS,
         }
+        claim, select = self._sql_claim, self._sql_select
+
+        def write(connection: sqlite3.Connection) -> tuple[Any, ...] | None:
+            # Inside the writer's IMMEDIATE transaction: the record that wins the key is read
+            # under the same write lock as the failed upsert, never one written in between.
+            if connection.execute(claim, params).rowcount == 1:
+                return None
+            found: tuple[Any, ...] | None = connection.execute(select, (key,)).fetchone()
+            return found or ()
+
         with self._store_errors("claim"):
-            connection = self._connection()
-            # IMMEDIATE takes the write lock up front: the upsert and, on a collision, the read
-            # of the record that won see the same state, and no other writer runs in between.
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                claimed = connection.execute(self._sql_claim, params).rowcount == 1
-                existing = (
-                    None
-                    if claimed
-                    else connection.execute(
-                        self._sql_select, (data_record.idempotency_key,)
-                    ).fetchone()
-                )
-                connection.execute("COMMIT")
-            except BaseException:
-                _rollback(connection)
-                raise
-        self._purge_if_due(now)
-        if not claimed:
+            existing_row = self._write(write)
+        if existing_row is not None:
             raise IdempotencyItemAlreadyExistsError(
-                None if existing is None else self._row_to_record(existing)
+                self._row_to_record(existing_row) if existing_row else None
             )
 
     def _get_record(self, idempotency_key: str) -> DataRecord:
@@ -214,41 +251,84 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         return self._row_to_record(row)
 
     def _update_record(self, data_record: DataRecord) -> None:
-        with self._store_errors("completion"):
-            cursor = self._connection().execute(
-                self._sql_complete,
-                {
-                    "id": data_record.idempotency_key,
-                    "status": data_record.status,
-                    "expiration": data_record.expiry_timestamp,
-                    "data": data_record.response_data,
-                    "validation": data_record.payload_hash,
-                    "inprogress": STATUS_INPROGRESS,
-                    "lease": data_record.in_progress_expiry_timestamp,
-                    "lease_id": data_record.lease_id,
-                },
-            )
-        if cursor.rowcount != 1:
-            raise IdempotencyLeaseLostError(data_record.idempotency_key)
+        self._fenced_write(
+            "completion",
+            self._sql_complete,
+            {
+                "id": data_record.idempotency_key,
+                "status": data_record.status,
+                "expiration": data_record.expiry_timestamp,
+                "data": data_record.response_data,
+                "validation": data_record.payload_hash,
+                "inprogress": STATUS_INPROGRESS,
+                "lease": data_record.in_progress_expiry_timestamp,
+                "lease_id": data_record.lease_id,
+            },
+        )
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        self._fenced_write(
+            "lease renewal",
+            self._sql_renew,
+            {
+                "id": lease.idempotency_key,
+                "renewed": renewed.in_progress_expiry_timestamp,
+                "expiration": renewed.expiry_timestamp,
+                "inprogress": STATUS_INPROGRESS,
+                "lease": lease.in_progress_expiry_timestamp,
+                "lease_id": lease.lease_id,
+            },
+        )
 
     def _delete_record(self, data_record: DataRecord) -> None:
-        with self._store_errors("release"):
-            cursor = self._connection().execute(
-                self._sql_release,
-                {
-                    "id": data_record.idempotency_key,
-                    "inprogress": STATUS_INPROGRESS,
-                    "lease": data_record.in_progress_expiry_timestamp,
-                    "lease_id": data_record.lease_id,
-                },
-            )
-        if cursor.rowcount != 1:
-            raise IdempotencyLeaseLostError(data_record.idempotency_key)
+        self._fenced_write(
+            "release",
+            self._sql_release,
+            {
+                "id": data_record.idempotency_key,
+                "inprogress": STATUS_INPROGRESS,
+                "lease": data_record.in_progress_expiry_timestamp,
+                "lease_id": data_record.lease_id,
+            },
+        )
 
     def _remove_record(self, idempotency_key: str) -> bool:
+        sql = self._sql_remove
         with self._store_errors("delete"):
-            cursor = self._connection().execute(self._sql_remove, (idempotency_key,))
-        return cursor.rowcount == 1
+            count: int = self._write(lambda c: c.execute(sql, (idempotency_key,)).rowcount)
+        return count == 1
+
+    def _fenced_write(self, operation: str, sql: str, params: dict[str, Any]) -> None:
+        with self._store_errors(operation):
+            count: int = self._write(lambda c: c.execute(sql, params).rowcount)
+        if count != 1:
+            raise IdempotencyLeaseLostError(params["id"])
+
+    def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``write`` in a transaction of this process's writer thread and return its result;
+        its ``sqlite3.Error`` is raised here. Gives up (``database is locked``) when the writer
+        has not started it within the busy timeout and another one: the file's lock is held
+        elsewhere for longer than this layer may wait.
+        """
+        future = self._process_writer().submit(write)
+        try:
+            return future.result(timeout=2 * self.busy_timeout_seconds + 1)
+        except concurrent.futures.TimeoutError:
+            if not future.cancel():  # started meanwhile: it ends within the busy timeout
+                return future.result()
+            raise sqlite3.OperationalError(
+                "database is locked (the write waited too long for this process's writer)"
+            ) from None
+
+    def _process_writer(self) -> _Writer:
+        writer = self._writer
+        if writer.pid != os.getpid():
+            # Forked without the at-fork hook: the parent's writer thread does not exist here,
+            # and its connection must be neither used nor closed in this process.
+            if writer.connection is not None:
+                self._inherited.append(writer.connection)
+            writer = self._writer = _Writer(weakref.ref(self))
+        return writer
 
     def check(self) -> None:
         """Open the file (in a directory that must exist) and read the table, creating it in an
@@ -265,56 +345,73 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         """Delete records past their expiry, in batches of ``purge_batch_size`` (every batch
         when ``max_batches`` is ``None``); returns how many were deleted.
 
-        Each batch is its own short write transaction, so claims from other workers interleave
-        with a large purge instead of waiting for it.
+        Each batch is its own short transaction of the writer thread, so claims from other
+        workers interleave with a large purge instead of waiting for it.
         """
         cutoff = int(self.clock() if now is None else now)
         deleted = 0
         batches = 0
         with self._store_errors("purge"):
-            connection = self._connection()
             while max_batches is None or batches < max_batches:
-                count = connection.execute(
-                    self._sql_purge, (cutoff, self.purge_batch_size)
-                ).rowcount
+                count = self._write(lambda c: self._purge_batch(c, cutoff))
                 deleted += count
                 batches += 1
                 if count < self.purge_batch_size:
                     break
         return deleted
 
-    def _purge_if_due(self, now: float) -> None:
-        """One batch on the request path, waiting only briefly for the write lock; while a
-        backlog remains, the next claim purges the next batch.
+    def _purge_batch(self, connection: sqlite3.Connection, cutoff: int) -> int:
+        count: int = connection.execute(self._sql_purge, (cutoff, self.purge_batch_size)).rowcount
+        return count
+
+    def _purge_is_due(self) -> bool:
+        return self.clock() >= self._next_purge
+
+    def _purge_is_overdue(self) -> bool:
+        return self.clock() >= self._next_purge + self.purge_interval_seconds
+
+    def _idle_purge(self, connection: sqlite3.Connection) -> None:
+        """One batch, run by the writer thread when no write is waiting; while a backlog
+        remains, the writer's next idle moment takes the next batch.
         """
-        if now < self._next_purge:
-            return
+        now = self.clock()
         self._next_purge = now + self.purge_interval_seconds
-        connection = self._connection()
         try:
-            connection.execute(f"PRAGMA busy_timeout = {_PURGE_BUSY_TIMEOUT_MS}")
-            try:
-                deleted = self.purge_expired(now, max_batches=1)
-            finally:
-                connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}")
+            with self._store_errors("purge"):
+                connection.execute(f"PRAGMA busy_timeout = {_PURGE_BUSY_TIMEOUT_MS}")
+                try:
+                    connection.execute("BEGIN IMMEDIATE")
+                    try:
+                        deleted = self._purge_batch(connection, int(now))
+                        connection.execute("COMMIT")
+                    except BaseException:
+                        _rollback(connection)
+                        raise
+                finally:
+                    connection.execute(
+                        f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}"
+                    )
         except (IdempotencyPersistenceLayerError, sqlite3.Error):
-            # The claim itself succeeded; a purge that failed (the lock was busy) is retried at
-            # the next interval.
+            # Another process holds the lock (or the file is unwritable, which the next write
+            # reports to its request): retried at the next interval.
             logger.warning("purging expired idempotency records failed", exc_info=True)
             return
         if deleted >= self.purge_batch_size:
-            self._next_purge = now  # a backlog: the next claim takes the next batch
+            self._next_purge = now  # a backlog: the next idle moment takes the next batch
         if deleted:
             logger.debug("purged %d expired idempotency records", deleted)
 
     def close(self) -> None:
-        """Close the connections this process opened, from any thread. Later calls reopen.
+        """Stop this process's writer thread and close the connections this process opened,
+        from any thread. Later calls reopen (and restart the writer).
 
         Also runs in the parent just before ``os.fork()``, so that a child (a server worker)
         never inherits an open SQLite connection: SQLite's per-process lock bookkeeping would
         be copied into the child, which its documentation warns can corrupt the database.
         """
         pid = os.getpid()
+        if self._writer.pid == pid:
+            self._writer.stop()
         with self._connections_lock:
             connections = [c for c in self._connections if c.owner_pid == pid]
             self._local = _ThreadConnection()
@@ -462,8 +559,185 @@ def _close_connections_at_fork(layer: SQLitePersistenceLayer) -> None:
         target = ref()
         if target is not None:
             target._connections_lock = threading.Lock()
+            # The parent's writer thread does not exist here, and its lock may have been held
+            # at the fork: this process's first write starts a writer of its own.
+            target._writer = _Writer(ref)
 
     os.register_at_fork(before=before, after_in_child=after_in_child)
+
+
+class _Writer:
+    """One process's writer for a layer: a thread with its own connection that takes every
+    write waiting in its queue and commits them in one ``BEGIN IMMEDIATE`` transaction.
+
+    Callers block on a future. Writes of one process never wait for each other in SQLite's busy
+    handler (which sleeps, up to 100 ms at a time, instead of waking when the lock is free);
+    only writers of other processes do. A write that fails inside a batch is rolled back with
+    the whole batch, then every write of that batch is run again alone, so the failure stays
+    its own. The thread starts on the first write, so a layer built before ``fork()`` gets a
+    writer in each child, and it holds its layer only weakly, so a layer dropped without
+    :meth:`SQLitePersistenceLayer.close` does not live on in it.
+    """
+
+    def __init__(self, layer: weakref.ref[SQLitePersistenceLayer]) -> None:
+        self.pid = os.getpid()
+        self.connection: sqlite3.Connection | None = None
+        #: Transactions committed and writes they carried: for tests and tuning.
+        self.commits = 0
+        self.writes = 0
+        self._layer = layer
+        self._changed = threading.Condition(threading.Lock())
+        self._queue: deque[tuple[Write, concurrent.futures.Future[Any]]] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._parked = False
+
+    def submit(self, write: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._changed:
+            self._queue.append((write, future))
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(
+                    target=self._run, name=f"idem-sqlite-writer-{self.pid}", daemon=True
+                )
+                self._thread.start()
+            elif self._parked:
+                self._changed.notify()
+        return future
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let the thread commit what is queued, then end it and close its connection."""
+        with self._changed:
+            thread = self._thread
+            self._stopping = True
+            self._changed.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def shutdown(self) -> None:
+        """Like :meth:`stop` without waiting: the layer is gone."""
+        if self.pid == os.getpid():
+            with self._changed:
+                self._stopping = True
+                self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the thread has nothing queued and nothing due (tests use it to see an
+        idle purge's result); returns whether it got there in time.
+        """
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._thread is None or (self._parked and not self._queue), timeout
+            )
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    self._commit(batch)
+                else:
+                    self._purge()
+        finally:
+            connection, self.connection = self.connection, None
+            if connection is not None:
+                connection.close()
+            with self._changed:
+                if self._thread is threading.current_thread():
+                    # Ended by an error of its own: the next write starts another thread.
+                    logger.error("the SQLite writer thread failed", exc_info=True)
+                    self._thread = None
+                    self._changed.notify_all()
+
+    def _next_batch(self) -> list[tuple[Write, concurrent.futures.Future[Any]]] | None:
+        """The writes to commit next; ``[]`` when a purge is due instead; ``None``: stop."""
+        with self._changed:
+            while True:
+                layer = self._layer()
+                if not self._queue:
+                    if self._stopping or layer is None:
+                        self._thread = None
+                        self._parked = False
+                        self._changed.notify_all()
+                        return None
+                    if layer._purge_is_due():
+                        return []
+                    wake = min(layer.purge_interval_seconds, _WRITER_WAKE_SECONDS)
+                    del layer
+                    self._parked = True
+                    self._changed.notify_all()
+                    self._changed.wait(max(wake, 0.001))
+                    self._parked = False
+                    continue
+                if layer is not None and layer._purge_is_overdue():
+                    return []  # writes never stop coming: purge between two batches
+                del layer
+                batch: list[tuple[Write, concurrent.futures.Future[Any]]] = []
+                while self._queue and len(batch) < _MAX_BATCH:
+                    write, future = self._queue.popleft()
+                    if future.set_running_or_notify_cancel():  # False: its caller gave up
+                        batch.append((write, future))
+                if batch:
+                    return batch
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.connection is None:
+            layer = self._layer()
+            if layer is None:
+                raise sqlite3.OperationalError("the SQLite persistence layer was closed")
+            self.connection = layer._connect()
+        return self.connection
+
+    def _commit(self, batch: list[tuple[Write, concurrent.futures.Future[Any]]]) -> None:
+        try:
+            connection = self._connect()
+            connection.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            # No lock (another process held it past the busy timeout) or no file: every write
+            # of the batch fails alike.
+            for _, future in batch:
+                future.set_exception(_copy(exc))
+            return
+        try:
+            results = [write(connection) for write, _ in batch]
+            connection.execute("COMMIT")
+        except BaseException as exc:
+            _rollback(connection)
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for one in batch:
+                self._commit([one])
+            return
+        self.commits += 1
+        self.writes += len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+    def _purge(self) -> None:
+        layer = self._layer()
+        if layer is None:
+            return
+        try:
+            connection = self._connect()
+        except Exception:
+            logger.warning("purging expired idempotency records failed", exc_info=True)
+            layer._next_purge = layer.clock() + layer.purge_interval_seconds
+            return
+        layer._idle_purge(connection)
+
+
+def _copy(exc: BaseException) -> BaseException:
+    """One exception object per waiting caller: each raises it in its own thread, and raising
+    one object in several threads at once would tangle their tracebacks.
+    """
+    try:
+        return copy.copy(exc)
+    except Exception:
+        return exc
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
