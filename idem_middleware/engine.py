@@ -30,7 +30,9 @@ from idem_middleware.exceptions import (
     IdempotencyItemNotFoundError,
     IdempotencyKeyMissingError,
     IdempotencyLeaseLostError,
+    IdempotencyPayloadMismatchError,
     IdempotencyPersistenceLayerError,
+    IdempotencyStoreUnavailableError,
     IdempotencyValidationError,
     RequestBodyIncompleteError,
     RequestBodyTooLargeError,
@@ -256,8 +258,12 @@ class IdempotencyEngine:
         key = record.idempotency_key
         try:
             self.persistence_layer.validate_payload(record, payload_hash)
-        except IdempotencyValidationError as error:
-            return self._reject(request, error, key, event="mismatch")
+        except IdempotencyPayloadMismatchError:
+            reused = IdempotencyValidationError(
+                "this idempotency key was already used with a different request "
+                "(method, path, query or body)"
+            )
+            return self._reject(request, reused, key, event="mismatch")
         if record.status == STATUS_INPROGRESS:
             return self._reject(
                 request,
@@ -412,7 +418,7 @@ class IdempotencyEngine:
             request.method,
             request.path,
             key,
-            status=None if passthrough else error.status,
+            status=None if passthrough else IdempotencyStoreUnavailableError.status,
             detail=f"{'running un-deduplicated' if passthrough else 'rejected'}: {error}",
             level=logging.WARNING,
         )
@@ -421,7 +427,7 @@ class IdempotencyEngine:
         # The log has the cause; the client learns only that it should retry later.
         return Respond(
             problem_response(
-                IdempotencyPersistenceLayerError(
+                IdempotencyStoreUnavailableError(
                     "the idempotency store is unavailable; retry after the delay given"
                 )
             )

@@ -1,4 +1,31 @@
-"""Exceptions. Every error a client can cause knows its HTTP status and problem ``code``."""
+"""Exceptions, in two families::
+
+    IdempotencyError
+    ├── IdempotencyHTTPError                  answered to the client as problem+json
+    │   ├── IdempotencyKeyMissingError           400  idempotency_key_missing
+    │   ├── IdempotencyKeyInvalidError           400  idempotency_key_invalid
+    │   ├── IdempotencyKeyError                  400  request_body_invalid
+    │   ├── RequestBodyIncompleteError           400  request_body_incomplete
+    │   ├── RequestBodyTooLargeError             413  request_body_too_large
+    │   ├── IdempotencyAlreadyInProgressError    409  idempotency_key_in_use
+    │   ├── IdempotencyValidationError           422  idempotency_key_reused
+    │   └── IdempotencyStoreUnavailableError     503  idempotency_store_unavailable
+    └── IdempotencyPersistenceError           signals of a persistence layer to the engine
+        ├── IdempotencyItemAlreadyExistsError    the claim found a live record (it carries it)
+        ├── IdempotencyItemNotFoundError
+        ├── IdempotencyLeaseLostError            another request took the key over
+        ├── IdempotencyPayloadMismatchError      the record was made by another payload
+        ├── IdempotencyInvalidStatusError
+        └── IdempotencyPersistenceLayerError     the store failed; the engine answers 503
+            ├── StoreUnreachableError
+            ├── StoreNotAuthorisedError
+            ├── StoreNotFoundError
+            ├── StoreRecordUnreadableError
+            ├── StoreRequestRejectedError
+            └── StoreFullError
+
+A persistence layer raises only the second family; the engine decides what a client is told.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +37,9 @@ if TYPE_CHECKING:
 
 class IdempotencyError(Exception):
     """Base class of every exception raised by idem_middleware."""
+
+
+# Client-facing problems ---------------------------------------------------------------------
 
 
 class IdempotencyHTTPError(IdempotencyError):
@@ -38,17 +68,13 @@ class IdempotencyKeyInvalidError(IdempotencyHTTPError):
 
 
 class IdempotencyKeyError(IdempotencyHTTPError):
-    """The body could not be read as the JSON document the key or fingerprint is selected from."""
+    """The body is not the JSON document the key or fingerprint is selected from, or the
+    selection cannot be evaluated on it.
+    """
 
     status = 400
     code = "request_body_invalid"
-    title = "Request body is not valid JSON"
-
-
-class RequestBodyTooLargeError(IdempotencyHTTPError):
-    status = 413
-    code = "request_body_too_large"
-    title = "Request body too large"
+    title = "Request body unusable for the idempotency key"
 
 
 class RequestBodyIncompleteError(IdempotencyHTTPError):
@@ -57,6 +83,12 @@ class RequestBodyIncompleteError(IdempotencyHTTPError):
     status = 400
     code = "request_body_incomplete"
     title = "Request body incomplete"
+
+
+class RequestBodyTooLargeError(IdempotencyHTTPError):
+    status = 413
+    code = "request_body_too_large"
+    title = "Request body too large"
 
 
 class IdempotencyAlreadyInProgressError(IdempotencyHTTPError):
@@ -74,8 +106,8 @@ class IdempotencyValidationError(IdempotencyHTTPError):
     title = "Idempotency key reused with a different request"
 
 
-class IdempotencyPersistenceLayerError(IdempotencyHTTPError):
-    """The store could not be reached or refused the operation; the cause is chained."""
+class IdempotencyStoreUnavailableError(IdempotencyHTTPError):
+    """The answer to a store fault under ``on_store_error="reject"``: the client retries later."""
 
     status = 503
     code = "idempotency_store_unavailable"
@@ -83,7 +115,14 @@ class IdempotencyPersistenceLayerError(IdempotencyHTTPError):
     retry_after = 5
 
 
-class IdempotencyItemAlreadyExistsError(IdempotencyError):
+# Persistence signals ------------------------------------------------------------------------
+
+
+class IdempotencyPersistenceError(IdempotencyError):
+    """Base class of what a persistence layer tells the engine."""
+
+
+class IdempotencyItemAlreadyExistsError(IdempotencyPersistenceError):
     """The atomic claim found a live record; it carries that record (one round trip)."""
 
     def __init__(self, old_data_record: DataRecord | None = None) -> None:
@@ -91,21 +130,30 @@ class IdempotencyItemAlreadyExistsError(IdempotencyError):
         self.old_data_record = old_data_record
 
 
-class IdempotencyItemNotFoundError(IdempotencyError):
+class IdempotencyItemNotFoundError(IdempotencyPersistenceError):
     """No record is stored under the key (or the one stored has expired)."""
 
 
-class IdempotencyLeaseLostError(IdempotencyError):
+class IdempotencyLeaseLostError(IdempotencyPersistenceError):
     """The record is no longer held by this request's lease: another request took it over."""
 
 
-class IdempotencyInvalidStatusError(IdempotencyError):
+class IdempotencyPayloadMismatchError(IdempotencyPersistenceError):
+    """The record was made by a request with another payload fingerprint."""
+
+
+class IdempotencyInvalidStatusError(IdempotencyPersistenceError):
     """A stored record has a status this version does not know."""
 
 
-# Store faults whose cause is clear. Each is a 503 like its base class (a request is never run
-# un-deduplicated because of them unless ``on_store_error="passthrough"``); the message names the
-# store and what to fix, for ``check()`` at startup, the CLI and the log.
+class IdempotencyPersistenceLayerError(IdempotencyPersistenceError):
+    """The store could not be reached or refused the operation; the cause is chained.
+
+    The engine answers it with 503 (:class:`IdempotencyStoreUnavailableError`) or runs the
+    request un-deduplicated, as ``on_store_error`` says. The subclasses name causes that are
+    clear, each message naming the store and what to fix (for ``check()`` at startup, the CLI
+    and the log).
+    """
 
 
 class StoreUnreachableError(IdempotencyPersistenceLayerError):

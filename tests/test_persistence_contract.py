@@ -18,7 +18,7 @@ from idem_middleware.exceptions import (
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
-    IdempotencyValidationError,
+    IdempotencyPayloadMismatchError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.memory import InMemoryPersistenceLayer
@@ -379,11 +379,9 @@ def test_payload_mismatch_is_rejected_and_leaves_the_record_untouched(
 ) -> None:
     layer.save_success(layer.save_inprogress(key, HASH), JSON_RESPONSE)
 
-    with pytest.raises(IdempotencyValidationError) as info:
+    with pytest.raises(IdempotencyPayloadMismatchError):
         layer.get_record(key, OTHER_HASH)
 
-    assert info.value.status == 422
-    assert info.value.code == "idempotency_key_reused"
     assert layer.get_record(key, HASH).response == JSON_RESPONSE
     assert layer.get_record(key).payload_hash == HASH
 
@@ -391,7 +389,7 @@ def test_payload_mismatch_is_rejected_and_leaves_the_record_untouched(
 def test_payload_mismatch_on_an_inprogress_record(layer: BasePersistenceLayer, key: str) -> None:
     layer.save_inprogress(key, HASH)
 
-    with pytest.raises(IdempotencyValidationError):
+    with pytest.raises(IdempotencyPayloadMismatchError):
         layer.get_record(key, OTHER_HASH)
     assert layer.get_record(key, HASH).status == STATUS_INPROGRESS
 
@@ -413,7 +411,7 @@ def test_local_cache_replays_a_completed_record_without_store_calls(
     assert cached.response == JSON_RESPONSE
     assert layer.get_record(key, HASH).response == JSON_RESPONSE
     assert claim_collision(layer, key).response == JSON_RESPONSE
-    with pytest.raises(IdempotencyValidationError):
+    with pytest.raises(IdempotencyPayloadMismatchError):
         layer.get_record(key, OTHER_HASH)
 
     assert calls.total == 0, calls.counts

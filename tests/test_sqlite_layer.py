@@ -240,7 +240,6 @@ def test_missing_directory_is_a_persistence_error(tmp_path: Path, clock: FakeClo
         with pytest.raises(IdempotencyPersistenceLayerError) as caught:
             operation()
         assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
-        assert caught.value.status == 503
 
 
 def test_write_lock_held_past_busy_timeout_is_a_persistence_error(

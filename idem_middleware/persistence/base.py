@@ -23,8 +23,8 @@ from idem_middleware.exceptions import (
     IdempotencyItemAlreadyExistsError,
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
+    IdempotencyPayloadMismatchError,
     IdempotencyPersistenceLayerError,
-    IdempotencyValidationError,
     StoreNotAuthorisedError,
     StoreNotFoundError,
     StoreRecordUnreadableError,
@@ -221,8 +221,7 @@ class BasePersistenceLayer(ABC):
                 pause = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not secrets
                 if attempt >= self.write_attempts or time.monotonic() - started + pause > budget:
                     if attempt > 1:
-                        exc.detail = f"{exc.detail} (gave up after {attempt} attempts)"
-                        exc.args = (exc.detail,)
+                        exc.args = (f"{exc} (gave up after {attempt} attempts)",)
                     raise
             self.sleep(pause)
             delay *= 4
@@ -250,7 +249,7 @@ class BasePersistenceLayer(ABC):
     def get_record(self, idempotency_key: str, payload_hash: str | None = None) -> DataRecord:
         """The live record for the key, validated against ``payload_hash`` when given.
 
-        Raises :class:`IdempotencyItemNotFoundError` or :class:`IdempotencyValidationError`.
+        Raises :class:`IdempotencyItemNotFoundError` or :class:`IdempotencyPayloadMismatchError`.
         """
         record = self.get_cached_record(idempotency_key)
         if record is None:
@@ -263,12 +262,11 @@ class BasePersistenceLayer(ABC):
         return record
 
     def validate_payload(self, record: DataRecord, payload_hash: str) -> None:
-        """Raise :class:`IdempotencyValidationError` when the record was made by another payload."""
+        """Raise :class:`IdempotencyPayloadMismatchError` when the record was made by another
+        payload.
+        """
         if record.payload_hash is not None and record.payload_hash != payload_hash:
-            raise IdempotencyValidationError(
-                "this idempotency key was already used with a different request "
-                "(method, path, query or body)"
-            )
+            raise IdempotencyPayloadMismatchError(record.idempotency_key)
 
     def _completed_under(self, record: DataRecord) -> bool:
         """Whether the store already holds exactly this completion: a client library (botocore,
