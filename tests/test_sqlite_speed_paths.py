@@ -1,0 +1,393 @@
+"""The SQLite layer's fast paths (issue 11): replays and conflicts answered by a read that takes
+no write lock, one writer thread per process committing waiting writes together, the purge on
+that thread instead of a request's, and the writer's own failure handling.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idem_middleware import IdempotencyConfig
+from idem_middleware.exceptions import (
+    IdempotencyItemAlreadyExistsError,
+    IdempotencyItemNotFoundError,
+    IdempotencyLeaseLostError,
+    IdempotencyPersistenceLayerError,
+)
+from idem_middleware.persistence import SQLitePersistenceLayer
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.responses import StoredResponse
+from tests.support.backends import FakeClock
+
+START = 1_700_000_000.25
+CONFIG = IdempotencyConfig(expires_after_seconds=3600, in_progress_expires_after_seconds=30)
+RESPONSE = StoredResponse(status=201, headers=(("Content-Type", "application/json"),), body=b"{}")
+
+
+class Statements:
+    """Every statement the layer's connections run, with the thread that ran it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: list[tuple[int, str]] = []
+
+    def record(self, sql: str) -> None:
+        with self.lock:
+            self.seen.append((threading.get_ident(), sql))
+
+    def threads_running(self, *prefixes: str) -> set[int]:
+        with self.lock:
+            return {ident for ident, sql in self.seen if sql.lstrip().startswith(prefixes)}
+
+    def count(self, prefix: str) -> int:
+        with self.lock:
+            return sum(1 for _, sql in self.seen if sql.lstrip().startswith(prefix))
+
+
+def traced_layer(
+    path: Path, clock: FakeClock, statements: Statements, **options: Any
+) -> SQLitePersistenceLayer:
+    layer = SQLitePersistenceLayer(path, **options)
+    layer.configure(CONFIG)
+    layer.clock = clock
+    connect = layer._connect
+
+    def traced_connect() -> Any:
+        connection = connect()
+        connection.set_trace_callback(statements.record)
+        return connection
+
+    layer._connect = traced_connect  # type: ignore[method-assign]
+    return layer
+
+
+def idle_writer(layer: SQLitePersistenceLayer) -> None:
+    """Start the writer and let it finish its first purge, so what a test queues next is the
+    writer's next batch.
+    """
+    layer.remove_record(layer.build_idempotency_key("warm-up"))
+    assert layer._writer.wait_idle(5)
+
+
+def wait_running(future: Future[Any]) -> None:
+    """Until the writer has taken ``future``'s write: what is queued next waits behind it."""
+    deadline = time.monotonic() + 5
+    while not future.running():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(START)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "idempotency.sqlite3"
+
+
+@pytest.fixture
+def layer(db_path: Path, clock: FakeClock) -> Iterator[SQLitePersistenceLayer]:
+    layer = SQLitePersistenceLayer(db_path, busy_timeout_seconds=2)
+    layer.configure(CONFIG)
+    layer.clock = clock
+    yield layer
+    layer.close()
+
+
+@pytest.fixture
+def write_lock(db_path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's view: a connection that can take the file's write lock."""
+    connection = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    yield connection
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")
+    connection.close()
+
+
+# Replays and conflicts read without the write lock ----------------------------------------------
+
+
+def test_a_replay_is_answered_while_another_process_holds_the_write_lock(
+    layer: SQLitePersistenceLayer, write_lock: sqlite3.Connection
+) -> None:
+    done_key = layer.build_idempotency_key("done")
+    layer.save_success(layer.save_inprogress(done_key, "hash-a"), RESPONSE)
+    running_key = layer.build_idempotency_key("running")
+    layer.save_inprogress(running_key, "hash-b")
+
+    write_lock.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(IdempotencyItemAlreadyExistsError) as replay:
+        layer.save_inprogress(done_key, "hash-a")
+    with pytest.raises(IdempotencyItemAlreadyExistsError) as conflict:
+        layer.save_inprogress(running_key, "hash-b")
+    # Before: both claims waited the 2 s busy timeout for the lock, then failed with a store
+    # error instead of answering.
+    assert time.monotonic() - started < 1
+    assert replay.value.old_data_record is not None
+    assert replay.value.old_data_record.status == STATUS_COMPLETED
+    assert replay.value.old_data_record.response == RESPONSE
+    assert conflict.value.old_data_record is not None
+    assert conflict.value.old_data_record.status == STATUS_INPROGRESS
+
+
+def test_a_dead_record_read_first_is_claimed_by_the_writer(
+    layer: SQLitePersistenceLayer, clock: FakeClock
+) -> None:
+    key = layer.build_idempotency_key("order-1")
+    layer.save_inprogress(key, "first")
+    clock.advance(31)  # the first lease ran out: the read finds a dead record, not an answer
+    lease = layer.save_inprogress(key, "second")
+    assert layer.get_record(key).holds_same_lease(lease)
+    assert layer.get_record(key).payload_hash == "second"
+
+
+# One writer per process, group commit -----------------------------------------------------------
+
+
+def test_writes_of_every_thread_run_on_one_writer_thread(db_path: Path, clock: FakeClock) -> None:
+    statements = Statements()
+    layer = traced_layer(db_path, clock, statements)
+    callers: set[int] = set()
+
+    def work(n: int) -> None:
+        callers.add(threading.get_ident())
+        for i in range(5):
+            lease = layer.save_inprogress(layer.build_idempotency_key(f"{n}-{i}"), "h")
+            if i % 2:
+                layer.delete_record(lease)
+            else:
+                layer.save_success(lease, RESPONSE)
+
+    try:
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        writers = statements.threads_running("INSERT", "UPDATE", "DELETE", "BEGIN")
+        # Before: each of the 8 threads wrote on its own connection.
+        assert len(writers) == 1
+        assert writers.isdisjoint(callers)
+    finally:
+        layer.close()
+
+
+def test_writes_waiting_together_are_committed_in_one_transaction(
+    db_path: Path, clock: FakeClock, write_lock: sqlite3.Connection
+) -> None:
+    statements = Statements()
+    layer = traced_layer(db_path, clock, statements, busy_timeout_seconds=10)
+    try:
+        layer.check()
+        write_lock.execute("BEGIN IMMEDIATE")  # every claim now waits
+        leases: list[DataRecord] = []
+        threads = [
+            threading.Thread(
+                target=lambda n=n: leases.append(
+                    layer.save_inprogress(layer.build_idempotency_key(f"order-{n}"), "h")
+                )
+            )
+            for n in range(16)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # all 16 are waiting
+        write_lock.execute("COMMIT")
+        for thread in threads:
+            thread.join(10)
+        assert len(leases) == 16
+        # Before: one transaction per claim (16). Now the first claim's transaction waits for
+        # the lock alone and the 15 others queue behind it, then commit together.
+        assert statements.count("BEGIN IMMEDIATE") <= 3
+    finally:
+        layer.close()
+
+
+def test_a_failing_write_in_a_batch_fails_alone(layer: SQLitePersistenceLayer) -> None:
+    idle_writer(layer)
+    hold = threading.Event()
+    writer = layer._writer
+    blocked = writer.submit(lambda connection: hold.wait(10))
+    wait_running(blocked)
+
+    def broken(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO no_such_table VALUES (1)")
+
+    results: dict[str, Any] = {}
+
+    def claim(name: str) -> None:
+        results[name] = layer.save_inprogress(layer.build_idempotency_key(name), "h")
+
+    threads = [threading.Thread(target=claim, args=(name,)) for name in ("a", "b")]
+    threads[0].start()
+    failing = writer.submit(broken)
+    threads[1].start()
+    time.sleep(0.3)  # a, the broken write and b queue behind the held batch
+    commits_before = writer.commits
+    hold.set()
+    blocked.result(10)
+    for thread in threads:
+        thread.join(10)
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        failing.result(10)
+    assert sorted(results) == ["a", "b"]
+    for name in ("a", "b"):
+        assert layer.get_record(layer.build_idempotency_key(name)).holds_same_lease(results[name])
+    # The held batch, then a and b each alone: their batch with the broken write was undone.
+    assert writer.commits - commits_before == 3
+
+
+def test_a_write_the_writer_never_started_is_given_up_and_never_runs(
+    db_path: Path, clock: FakeClock
+) -> None:
+    layer = SQLitePersistenceLayer(db_path, busy_timeout_seconds=0.1)
+    layer.configure(CONFIG)
+    layer.clock = clock
+    try:
+        idle_writer(layer)
+        hold = threading.Event()
+        blocked = layer._writer.submit(lambda connection: hold.wait(10))
+        wait_running(blocked)
+        key = layer.build_idempotency_key("order-1")
+        started = time.monotonic()
+        with pytest.raises(IdempotencyPersistenceLayerError) as caught:
+            layer.save_inprogress(key, "h")
+        assert 1.0 <= time.monotonic() - started < 5  # twice the busy timeout, and a second
+        assert "locked" in str(caught.value)
+        hold.set()
+        blocked.result(10)
+        assert layer._writer.wait_idle(5)
+        # The caller was told the claim failed: it must not land behind its back.
+        with pytest.raises(IdempotencyItemNotFoundError):
+            layer.get_record(key)
+    finally:
+        layer.close()
+
+
+# Purge ------------------------------------------------------------------------------------------
+
+
+def test_the_purge_runs_on_the_writer_thread_not_on_a_request(
+    db_path: Path, clock: FakeClock
+) -> None:
+    statements = Statements()
+    layer = traced_layer(db_path, clock, statements, purge_interval_seconds=600)
+    try:
+        for i in range(20):
+            layer.save_inprogress(layer.build_idempotency_key(f"old-{i}"), "old")
+        clock.advance(3601)
+        layer.save_inprogress(layer.build_idempotency_key("new"), "new")
+        deadline = time.monotonic() + 5
+        while statements.count("DELETE FROM idempotency_records WHERE rowid") == 0:
+            assert time.monotonic() < deadline, "no purge ran"
+            time.sleep(0.01)
+        purgers = statements.threads_running("DELETE FROM idempotency_records WHERE rowid")
+        # Before: the claim that found the purge due ran it before returning.
+        assert threading.get_ident() not in purgers
+        assert layer._writer.wait_idle(5)
+        with sqlite3.connect(db_path) as check:
+            assert check.execute("SELECT validation FROM idempotency_records").fetchall() == [
+                ("new",)
+            ]
+    finally:
+        layer.close()
+
+
+# Lifecycle: close, garbage collection, fork -----------------------------------------------------
+
+
+def test_close_stops_the_writer_and_a_later_write_restarts_it(
+    layer: SQLitePersistenceLayer,
+) -> None:
+    lease = layer.save_inprogress(layer.build_idempotency_key("order-1"), "h")
+    thread = layer._writer._thread
+    connection = layer._writer.connection
+    assert thread is not None and thread.is_alive() and connection is not None
+    layer.close()
+    assert not thread.is_alive()
+    with pytest.raises(sqlite3.ProgrammingError):
+        connection.execute("SELECT 1")
+    layer.save_success(lease, RESPONSE)
+    assert layer._writer._thread is not None and layer._writer._thread is not thread
+    assert layer.get_record(lease.idempotency_key).status == STATUS_COMPLETED
+
+
+def test_a_dropped_layer_ends_its_writer_thread(db_path: Path) -> None:
+    layer = SQLitePersistenceLayer(db_path)
+    layer.configure(CONFIG)
+    layer.save_inprogress(layer.build_idempotency_key("order-1"), "h")
+    thread = layer._writer._thread
+    assert thread is not None
+    ref = weakref.ref(layer)
+    del layer
+    gc.collect()
+    assert ref() is None
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_layer_writing_before_fork_writes_in_the_child(layer: SQLitePersistenceLayer) -> None:
+    parent_lease = layer.save_inprogress(layer.build_idempotency_key("parent"), "parent")
+    parent_thread = layer._writer._thread
+    assert parent_thread is not None
+    child_key = layer.build_idempotency_key("child")
+
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        code = 1
+        try:
+            lease = layer.save_inprogress(child_key, "child")
+            layer.save_success(lease, RESPONSE)
+            child_thread = layer._writer._thread
+            code = 0 if child_thread is not None and child_thread.is_alive() else 2
+            layer.close()
+        except BaseException:
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not parent_thread.is_alive()  # stopped before the fork; restarted on next write
+    layer.save_success(parent_lease, RESPONSE)
+    assert layer.get_record(child_key).status == STATUS_COMPLETED
+    assert layer.get_record(child_key).response == RESPONSE
+    assert layer.get_record(parent_lease.idempotency_key).status == STATUS_COMPLETED
+
+
+# Lease renewal goes through the writer and is fenced --------------------------------------------
+
+
+def test_renewal_is_fenced_on_the_lease(layer: SQLitePersistenceLayer, clock: FakeClock) -> None:
+    key = layer.build_idempotency_key("order-1")
+    lease = layer.save_inprogress(key, "h")
+    assert lease.in_progress_expiry_timestamp is not None
+    renewed = DataRecord(
+        idempotency_key=key,
+        status=STATUS_INPROGRESS,
+        expiry_timestamp=lease.expiry_timestamp,
+        in_progress_expiry_timestamp=lease.in_progress_expiry_timestamp + 10_000,
+        payload_hash=lease.payload_hash,
+        lease_id=lease.lease_id,
+    )
+    layer._renew_record(lease, renewed)
+    assert layer.get_record(key).holds_same_lease(renewed)
+    with pytest.raises(IdempotencyLeaseLostError):
+        layer._renew_record(lease, renewed)  # the old lease no longer holds the record
+    layer.save_success(renewed, RESPONSE)
+    assert layer.get_record(key).status == STATUS_COMPLETED
