@@ -316,13 +316,16 @@ def test_close_stops_the_writer_and_a_later_write_restarts_it(
     lease = layer.save_inprogress(layer.build_idempotency_key("order-1"), "h")
     thread = layer._writer._thread
     connection = layer._writer.connection
-    assert thread is not None and thread.is_alive() and connection is not None
+    assert thread is not None
+    assert thread.is_alive()
+    assert connection is not None
     layer.close()
     assert not thread.is_alive()
     with pytest.raises(sqlite3.ProgrammingError):
         connection.execute("SELECT 1")
     layer.save_success(lease, RESPONSE)
-    assert layer._writer._thread is not None and layer._writer._thread is not thread
+    assert layer._writer._thread is not None
+    assert layer._writer._thread is not thread
     assert layer.get_record(lease.idempotency_key).status == STATUS_COMPLETED
 
 
