@@ -11,8 +11,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +35,32 @@ RESPONSE = StoredResponse(status=201, headers=(("Content-Type", "application/jso
 
 
 class Statements:
-    """Every statement the layer's connections run, with the thread that ran it."""
+    """Every statement the layer's connections run, with the connection and the thread that
+    ran it.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.seen: list[tuple[int, str]] = []
+        self.seen: list[tuple[int, int, str]] = []
 
-    def record(self, sql: str) -> None:
+    def recorder(self, connection: sqlite3.Connection) -> Callable[[str], None]:
+        def record(sql: str) -> None:
+            with self.lock:
+                self.seen.append((id(connection), threading.get_ident(), sql))
+
+        return record
+
+    def connections_running(self, *prefixes: str) -> set[int]:
         with self.lock:
-            self.seen.append((threading.get_ident(), sql))
+            return {c for c, _, sql in self.seen if sql.lstrip().startswith(prefixes)}
 
     def threads_running(self, *prefixes: str) -> set[int]:
         with self.lock:
-            return {ident for ident, sql in self.seen if sql.lstrip().startswith(prefixes)}
+            return {t for _, t, sql in self.seen if sql.lstrip().startswith(prefixes)}
 
     def count(self, prefix: str) -> int:
         with self.lock:
-            return sum(1 for _, sql in self.seen if sql.lstrip().startswith(prefix))
+            return sum(1 for _, _, sql in self.seen if sql.lstrip().startswith(prefix))
 
 
 def traced_layer(
@@ -65,7 +73,7 @@ def traced_layer(
 
     def traced_connect() -> Any:
         connection = connect()
-        connection.set_trace_callback(statements.record)
+        connection.set_trace_callback(statements.recorder(connection))
         return connection
 
     layer._connect = traced_connect  # type: ignore[method-assign]
@@ -80,12 +88,24 @@ def idle_writer(layer: SQLitePersistenceLayer) -> None:
     assert layer._writer.wait_idle(5)
 
 
-def wait_running(future: Future[Any]) -> None:
-    """Until the writer has taken ``future``'s write: what is queued next waits behind it."""
-    deadline = time.monotonic() + 5
-    while not future.running():
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+class HeldWriter:
+    """A thread whose write holds the process's writer until released: what other threads
+    write meanwhile queues behind it.
+    """
+
+    def __init__(self, layer: SQLitePersistenceLayer) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=layer._write, args=(self.hold,))
+        self.thread.start()
+        assert self.started.wait(5)
+
+    def hold(self, connection: sqlite3.Connection) -> None:
+        self.started.set()
+        self.release.wait(10)
+
+    def end(self) -> None:
+        self.release.set()
+        self.thread.join(10)
 
 
 @pytest.fixture
@@ -158,13 +178,11 @@ def test_a_dead_record_read_first_is_claimed_by_the_writer(
 # One writer per process, group commit -----------------------------------------------------------
 
 
-def test_writes_of_every_thread_run_on_one_writer_thread(db_path: Path, clock: FakeClock) -> None:
+def test_writes_of_every_thread_run_on_one_connection(db_path: Path, clock: FakeClock) -> None:
     statements = Statements()
     layer = traced_layer(db_path, clock, statements)
-    callers: set[int] = set()
 
     def work(n: int) -> None:
-        callers.add(threading.get_ident())
         for i in range(5):
             lease = layer.save_inprogress(layer.build_idempotency_key(f"{n}-{i}"), "h")
             if i % 2:
@@ -178,10 +196,11 @@ def test_writes_of_every_thread_run_on_one_writer_thread(db_path: Path, clock: F
             thread.start()
         for thread in threads:
             thread.join()
-        writers = statements.threads_running("INSERT", "UPDATE", "DELETE", "BEGIN")
-        # Before: each of the 8 threads wrote on its own connection.
-        assert len(writers) == 1
-        assert writers.isdisjoint(callers)
+        # Before: each of the 8 threads wrote on its own connection, and they queued for the
+        # file's lock in SQLite's busy handler.
+        assert len(statements.connections_running("INSERT", "UPDATE", "DELETE", "BEGIN")) == 1
+        assert layer._writer.wait_idle(5)
+        assert layer._writer.writes == 8 * 5 * 2 + 1  # and the purge when the layer started
     finally:
         layer.close()
 
@@ -219,39 +238,42 @@ def test_writes_waiting_together_are_committed_in_one_transaction(
 
 def test_a_failing_write_in_a_batch_fails_alone(layer: SQLitePersistenceLayer) -> None:
     idle_writer(layer)
-    hold = threading.Event()
-    writer = layer._writer
-    blocked = writer.submit(lambda connection: hold.wait(10))
-    wait_running(blocked)
-
-    def broken(connection: sqlite3.Connection) -> None:
-        connection.execute("INSERT INTO no_such_table VALUES (1)")
-
+    held = HeldWriter(layer)
     results: dict[str, Any] = {}
 
     def claim(name: str) -> None:
         results[name] = layer.save_inprogress(layer.build_idempotency_key(name), "h")
 
-    threads = [threading.Thread(target=claim, args=(name,)) for name in ("a", "b")]
-    threads[0].start()
-    failing = writer.submit(broken)
-    threads[1].start()
-    time.sleep(0.3)  # a, the broken write and b queue behind the held batch
-    commits_before = writer.commits
-    hold.set()
-    blocked.result(10)
+    def broken(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO no_such_table VALUES (1)")
+
+    def write_broken() -> None:
+        try:
+            layer._write(broken)
+        except sqlite3.Error as exc:
+            results["broken"] = exc
+
+    threads = [
+        threading.Thread(target=claim, args=("a",)),
+        threading.Thread(target=write_broken),
+        threading.Thread(target=claim, args=("b",)),
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)  # queued in this order behind the held write
+    commits_before = layer._writer.commits
+    held.end()
     for thread in threads:
         thread.join(10)
-    with pytest.raises(sqlite3.OperationalError, match="no such table"):
-        failing.result(10)
-    assert sorted(results) == ["a", "b"]
+    assert isinstance(results["broken"], sqlite3.OperationalError)
+    assert "no such table" in str(results["broken"])
     for name in ("a", "b"):
         assert layer.get_record(layer.build_idempotency_key(name)).holds_same_lease(results[name])
-    # The held batch, then a and b each alone: their batch with the broken write was undone.
-    assert writer.commits - commits_before == 3
+    # The held write, then a and b each alone: their batch with the broken write was undone.
+    assert layer._writer.commits - commits_before == 3
 
 
-def test_a_write_the_writer_never_started_is_given_up_and_never_runs(
+def test_a_write_that_never_got_its_turn_is_given_up_and_never_runs(
     db_path: Path, clock: FakeClock
 ) -> None:
     layer = SQLitePersistenceLayer(db_path, busy_timeout_seconds=0.1)
@@ -259,21 +281,19 @@ def test_a_write_the_writer_never_started_is_given_up_and_never_runs(
     layer.clock = clock
     try:
         idle_writer(layer)
-        hold = threading.Event()
-        blocked = layer._writer.submit(lambda connection: hold.wait(10))
-        wait_running(blocked)
+        held = HeldWriter(layer)
         key = layer.build_idempotency_key("order-1")
         started = time.monotonic()
         with pytest.raises(IdempotencyPersistenceLayerError) as caught:
             layer.save_inprogress(key, "h")
         assert 1.0 <= time.monotonic() - started < 5  # twice the busy timeout, and a second
         assert "locked" in str(caught.value)
-        hold.set()
-        blocked.result(10)
+        held.end()
         assert layer._writer.wait_idle(5)
         # The caller was told the claim failed: it must not land behind its back.
         with pytest.raises(IdempotencyItemNotFoundError):
             layer.get_record(key)
+        layer.save_inprogress(key, "h")  # the writer works on
     finally:
         layer.close()
 
@@ -310,44 +330,44 @@ def test_the_purge_runs_on_the_writer_thread_not_on_a_request(
 # Lifecycle: close, garbage collection, fork -----------------------------------------------------
 
 
-def test_close_stops_the_writer_and_a_later_write_restarts_it(
+def test_close_stops_the_purge_thread_and_closes_the_writer_connection(
     layer: SQLitePersistenceLayer,
 ) -> None:
     lease = layer.save_inprogress(layer.build_idempotency_key("order-1"), "h")
-    thread = layer._writer._thread
+    purger = layer._writer._purger
     connection = layer._writer.connection
-    assert thread is not None
-    assert thread.is_alive()
+    assert purger is not None
+    assert purger.is_alive()
     assert connection is not None
     layer.close()
-    assert not thread.is_alive()
+    assert not purger.is_alive()
     with pytest.raises(sqlite3.ProgrammingError):
         connection.execute("SELECT 1")
-    layer.save_success(lease, RESPONSE)
-    assert layer._writer._thread is not None
-    assert layer._writer._thread is not thread
+    layer.save_success(lease, RESPONSE)  # reopens, and starts a purge thread again
+    assert layer._writer._purger is not None
+    assert layer._writer._purger is not purger
     assert layer.get_record(lease.idempotency_key).status == STATUS_COMPLETED
 
 
-def test_a_dropped_layer_ends_its_writer_thread(db_path: Path) -> None:
+def test_a_dropped_layer_ends_its_purge_thread(db_path: Path) -> None:
     layer = SQLitePersistenceLayer(db_path)
     layer.configure(CONFIG)
     layer.save_inprogress(layer.build_idempotency_key("order-1"), "h")
-    thread = layer._writer._thread
-    assert thread is not None
+    purger = layer._writer._purger
+    assert purger is not None
     ref = weakref.ref(layer)
     del layer
     gc.collect()
     assert ref() is None
-    thread.join(5)
-    assert not thread.is_alive()
+    purger.join(5)
+    assert not purger.is_alive()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_layer_writing_before_fork_writes_in_the_child(layer: SQLitePersistenceLayer) -> None:
     parent_lease = layer.save_inprogress(layer.build_idempotency_key("parent"), "parent")
-    parent_thread = layer._writer._thread
-    assert parent_thread is not None
+    parent_purger = layer._writer._purger
+    assert parent_purger is not None
     child_key = layer.build_idempotency_key("child")
 
     pid = os.fork()
@@ -356,8 +376,8 @@ def test_a_layer_writing_before_fork_writes_in_the_child(layer: SQLitePersistenc
         try:
             lease = layer.save_inprogress(child_key, "child")
             layer.save_success(lease, RESPONSE)
-            child_thread = layer._writer._thread
-            code = 0 if child_thread is not None and child_thread.is_alive() else 2
+            purger = layer._writer._purger
+            code = 0 if purger is not None and purger.is_alive() else 2
             layer.close()
         except BaseException:
             code = 3
@@ -366,7 +386,7 @@ def test_a_layer_writing_before_fork_writes_in_the_child(layer: SQLitePersistenc
     _, status = os.waitpid(pid, 0)
 
     assert os.waitstatus_to_exitcode(status) == 0
-    assert not parent_thread.is_alive()  # stopped before the fork; restarted on next write
+    assert not parent_purger.is_alive()  # stopped before the fork; restarted on next write
     layer.save_success(parent_lease, RESPONSE)
     assert layer.get_record(child_key).status == STATUS_COMPLETED
     assert layer.get_record(child_key).response == RESPONSE

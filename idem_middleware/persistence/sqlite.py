@@ -21,7 +21,6 @@ Expired records are purged by the writer when it has nothing else to do.
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import logging
 import os
@@ -305,20 +304,13 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             raise IdempotencyLeaseLostError(params["id"])
 
     def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``write`` in a transaction of this process's writer thread and return its result;
-        its ``sqlite3.Error`` is raised here. Gives up (``database is locked``) when the writer
-        has not started it within the busy timeout and another one: the file's lock is held
-        elsewhere for longer than this layer may wait.
+        """Run ``write`` in a transaction of this process's writer and return its result; its
+        ``sqlite3.Error`` is raised here. Gives up (``database is locked``) when the write has
+        not started within the busy timeout and another one: the file's lock is held elsewhere
+        for longer than this layer may wait.
         """
-        future = self._process_writer().submit(write)
-        try:
-            return future.result(timeout=2 * self.busy_timeout_seconds + 1)
-        except concurrent.futures.TimeoutError:
-            if not future.cancel():  # started meanwhile: it ends within the busy timeout
-                return future.result()
-            raise sqlite3.OperationalError(
-                "database is locked (the write waited too long for this process's writer)"
-            ) from None
+        result: T = self._process_writer().run(write, 2 * self.busy_timeout_seconds + 1)
+        return result
 
     def _process_writer(self) -> _Writer:
         writer = self._writer
@@ -370,34 +362,27 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     def _purge_is_overdue(self) -> bool:
         return self.clock() >= self._next_purge + self.purge_interval_seconds
 
-    def _idle_purge(self, connection: sqlite3.Connection) -> None:
-        """One batch, run by the writer thread when no write is waiting; while a backlog
-        remains, the writer's next idle moment takes the next batch.
+    def _idle_purge(self, writer: _Writer) -> None:
+        """One batch, run by the purge thread in a transaction of its own, queued behind the
+        writes waiting at that moment; while a backlog remains, the next batch follows.
         """
         now = self.clock()
         self._next_purge = now + self.purge_interval_seconds
+        cutoff = int(now)
         try:
             with self._store_errors("purge"):
-                connection.execute(f"PRAGMA busy_timeout = {_PURGE_BUSY_TIMEOUT_MS}")
-                try:
-                    connection.execute("BEGIN IMMEDIATE")
-                    try:
-                        deleted = self._purge_batch(connection, int(now))
-                        connection.execute("COMMIT")
-                    except BaseException:
-                        _rollback(connection)
-                        raise
-                finally:
-                    connection.execute(
-                        f"PRAGMA busy_timeout = {int(self.busy_timeout_seconds * 1000)}"
-                    )
+                deleted: int = writer.run(
+                    lambda c: self._purge_batch(c, cutoff),
+                    2 * self.busy_timeout_seconds + 1,
+                    alone=True,
+                )
         except (IdempotencyPersistenceLayerError, sqlite3.Error):
             # Another process holds the lock (or the file is unwritable, which the next write
             # reports to its request): retried at the next interval.
             logger.warning("purging expired idempotency records failed", exc_info=True)
             return
         if deleted >= self.purge_batch_size:
-            self._next_purge = now  # a backlog: the next idle moment takes the next batch
+            self._next_purge = now  # a backlog: the next batch follows
         if deleted:
             logger.debug("purged %d expired idempotency records", deleted)
 
@@ -566,17 +551,48 @@ def _close_connections_at_fork(layer: SQLitePersistenceLayer) -> None:
     os.register_at_fork(before=before, after_in_child=after_in_child)
 
 
-class _Writer:
-    """One process's writer for a layer: a thread with its own connection that takes every
-    write waiting in its queue and commits them in one ``BEGIN IMMEDIATE`` transaction.
+_QUEUED, _RUNNING, _DONE, _LEAD, _CANCELLED = range(5)
 
-    Callers block on a future. Writes of one process never wait for each other in SQLite's busy
-    handler (which sleeps, up to 100 ms at a time, instead of waking when the lock is free);
+
+class _Job:
+    """One queued write and, once run, its outcome. ``wake`` is held until the write is done or
+    its caller is made the leader: a bare lock is the cheapest way to park a thread.
+    """
+
+    __slots__ = ("alone", "error", "result", "state", "wake", "write")
+
+    def __init__(self, write: Write, alone: bool) -> None:
+        self.write = write
+        self.alone = alone
+        self.state = _QUEUED
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error, self.state = result, error, _DONE
+        self.wake.release()
+
+
+class _Writer:
+    """One process's writer for a layer: one connection, on which every write of the process
+    runs, committed in batches (group commit).
+
+    A thread that writes while nobody else does runs its write itself, at once: no hop to
+    another thread. A thread that writes while another is committing queues its write and
+    parks; when the commit ends, the leader hands the connection to the first parked thread,
+    which commits everything queued meanwhile in one ``BEGIN IMMEDIATE`` transaction (one
+    fsync for all of them) and wakes their threads. So writes of one process never wait for
+    each other in SQLite's busy handler, which sleeps instead of waking when the lock is free;
     only writers of other processes do. A write that fails inside a batch is rolled back with
-    the whole batch, then every write of that batch is run again alone, so the failure stays
-    its own. The thread starts on the first write, so a layer built before ``fork()`` gets a
-    writer in each child, and it holds its layer only weakly, so a layer dropped without
-    :meth:`SQLitePersistenceLayer.close` does not live on in it.
+    the whole batch, then every write of that batch runs again alone, so the failure stays its
+    own.
+
+    The purge has a thread of its own, started on the first write of each process (so a layer
+    built before ``fork()`` purges in every child): it queues its batch like a write and runs
+    it alone, in its own short transaction, when its turn comes. It holds the layer only
+    weakly, so a layer dropped without :meth:`SQLitePersistenceLayer.close` does not live on.
     """
 
     def __init__(self, layer: weakref.ref[SQLitePersistenceLayer]) -> None:
@@ -587,101 +603,87 @@ class _Writer:
         self.writes = 0
         self._layer = layer
         self._changed = threading.Condition(threading.Lock())
-        self._queue: deque[tuple[Write, concurrent.futures.Future[Any]]] = deque()
-        self._thread: threading.Thread | None = None
+        self._queue: deque[_Job] = deque()
+        self._leading = False
+        # Held by the leader while it uses the connection, and by close().
+        self._connection_lock = threading.Lock()
+        self._purger: threading.Thread | None = None
+        self._purge_wanted = threading.Event()
+        self._purging = False
         self._stopping = False
-        self._parked = False
 
-    def submit(self, write: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        with self._changed:
-            self._queue.append((write, future))
-            if self._thread is None:
-                self._stopping = False
-                self._thread = threading.Thread(
-                    target=self._run, name=f"idem-sqlite-writer-{self.pid}", daemon=True
-                )
-                self._thread.start()
-            elif self._parked:
-                self._changed.notify()
-        return future
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Let the thread commit what is queued, then end it and close its connection."""
-        with self._changed:
-            thread = self._thread
-            self._stopping = True
-            self._changed.notify_all()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    def shutdown(self) -> None:
-        """Like :meth:`stop` without waiting: the layer is gone."""
-        if self.pid == os.getpid():
-            with self._changed:
-                self._stopping = True
-                self._changed.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until the thread has nothing queued and nothing due (tests use it to see an
-        idle purge's result); returns whether it got there in time.
+    def run(self, write: Write, timeout: float, *, alone: bool = False) -> Any:
+        """Run ``write`` in a transaction of this writer and return its result (its exception
+        is raised here). A write still queued after ``timeout`` seconds is withdrawn and fails
+        with ``database is locked``; one already started is waited for.
         """
+        job = _Job(write, alone)
         with self._changed:
-            return self._changed.wait_for(
-                lambda: self._thread is None or (self._parked and not self._queue), timeout
-            )
+            self._queue.append(job)
+            lead = not self._leading
+            self._leading = True
+            if self._purger is None and not self._stopping:
+                self._start_purger()
+        deadline = time.monotonic() + timeout
+        while True:
+            if lead:
+                self._lead(job)
+            if job.state == _DONE:
+                break
+            if not job.wake.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                with self._changed:
+                    if job.state == _QUEUED:
+                        self._queue.remove(job)
+                        job.state = _CANCELLED
+                        raise sqlite3.OperationalError(
+                            "database is locked (the write waited too long for its turn on "
+                            "this process's SQLite writer)"
+                        )
+                job.wake.acquire()  # started or handed the lead meanwhile: soon released
+            if job.state == _DONE:
+                break
+            lead = True  # job.state == _LEAD
+        if job.error is not None:
+            raise job.error
+        return job.result
 
-    def _run(self) -> None:
-        try:
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                if batch:
-                    self._commit(batch)
-                else:
-                    self._purge()
-        finally:
-            connection, self.connection = self.connection, None
-            if connection is not None:
-                connection.close()
-            with self._changed:
-                if self._thread is threading.current_thread():
-                    # Ended by an error of its own: the next write starts another thread.
-                    logger.error("the SQLite writer thread failed", exc_info=True)
-                    self._thread = None
-                    self._changed.notify_all()
-
-    def _next_batch(self) -> list[tuple[Write, concurrent.futures.Future[Any]]] | None:
-        """The writes to commit next; ``[]`` when a purge is due instead; ``None``: stop."""
+    def _lead(self, own: _Job) -> None:
+        """Commit batches until ``own`` is done (or a write that runs alone is next: its thread
+        takes over), then hand the lead to the first queued write's thread.
+        """
+        with self._connection_lock:
+            while own.state != _DONE:
+                with self._changed:
+                    batch = self._take_batch(own)
+                if not batch:
+                    own.state = _QUEUED  # a lone write is first: wait for own turn after it
+                    break
+                self._commit(batch)
         with self._changed:
-            while True:
-                layer = self._layer()
-                if not self._queue:
-                    if self._stopping or layer is None:
-                        self._thread = None
-                        self._parked = False
-                        self._changed.notify_all()
-                        return None
-                    if layer._purge_is_due():
-                        return []
-                    wake = min(layer.purge_interval_seconds, _WRITER_WAKE_SECONDS)
-                    del layer
-                    self._parked = True
-                    self._changed.notify_all()
-                    self._changed.wait(max(wake, 0.001))
-                    self._parked = False
-                    continue
-                if layer is not None and layer._purge_is_overdue():
-                    return []  # writes never stop coming: purge between two batches
-                del layer
-                batch: list[tuple[Write, concurrent.futures.Future[Any]]] = []
-                while self._queue and len(batch) < _MAX_BATCH:
-                    write, future = self._queue.popleft()
-                    if future.set_running_or_notify_cancel():  # False: its caller gave up
-                        batch.append((write, future))
-                if batch:
-                    return batch
+            if self._queue:
+                successor = self._queue[0]
+                successor.state = _LEAD
+                successor.wake.release()
+            else:
+                self._leading = False
+                self._changed.notify_all()
+            layer = self._layer()
+            if layer is not None and layer._purge_is_due() and not self._purging:
+                self._purge_wanted.set()
+
+    def _take_batch(self, own: _Job) -> list[_Job]:
+        batch: list[_Job] = []
+        queue = self._queue
+        if queue and queue[0].alone:
+            if queue[0] is not own:
+                return batch
+            batch.append(queue.popleft())
+        else:
+            while queue and len(batch) < _MAX_BATCH and not queue[0].alone:
+                batch.append(queue.popleft())
+        for job in batch:
+            job.state = _RUNNING
+        return batch
 
     def _connect(self) -> sqlite3.Connection:
         if self.connection is None:
@@ -691,43 +693,115 @@ class _Writer:
             self.connection = layer._connect()
         return self.connection
 
-    def _commit(self, batch: list[tuple[Write, concurrent.futures.Future[Any]]]) -> None:
+    def _commit(self, batch: list[_Job]) -> None:
         try:
             connection = self._connect()
-            connection.execute("BEGIN IMMEDIATE")
+            if batch[0].alone:
+                connection.execute(f"PRAGMA busy_timeout = {_PURGE_BUSY_TIMEOUT_MS}")
+                try:
+                    connection.execute("BEGIN IMMEDIATE")
+                finally:
+                    layer = self._layer()
+                    if layer is not None:
+                        timeout_ms = int(layer.busy_timeout_seconds * 1000)
+                        connection.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+            else:
+                connection.execute("BEGIN IMMEDIATE")
         except BaseException as exc:
             # No lock (another process held it past the busy timeout) or no file: every write
             # of the batch fails alike.
-            for _, future in batch:
-                future.set_exception(_copy(exc))
+            for job in batch:
+                job.finish(error=_copy(exc))
             return
         try:
-            results = [write(connection) for write, _ in batch]
+            results = [job.write(connection) for job in batch]
             connection.execute("COMMIT")
         except BaseException as exc:
             _rollback(connection)
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+                batch[0].finish(error=exc)
                 return
-            for one in batch:
-                self._commit([one])
+            for job in batch:
+                self._commit([job])
             return
         self.commits += 1
         self.writes += len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            future.set_result(result)
+        for job, result in zip(batch, results, strict=True):
+            job.finish(result)
 
-    def _purge(self) -> None:
-        layer = self._layer()
-        if layer is None:
-            return
+    # Purge --------------------------------------------------------------------------------
+
+    def _start_purger(self) -> None:
+        self._purger = threading.Thread(
+            target=self._purge_loop, name=f"idem-sqlite-purge-{self.pid}", daemon=True
+        )
+        self._purger.start()
+
+    def _purge_loop(self) -> None:
         try:
-            connection = self._connect()
-        except Exception:
-            logger.warning("purging expired idempotency records failed", exc_info=True)
-            layer._next_purge = layer.clock() + layer.purge_interval_seconds
-            return
-        layer._idle_purge(connection)
+            while True:
+                layer = self._layer()
+                if layer is None or self._stopping:
+                    return
+                wait = min(layer.purge_interval_seconds, _WRITER_WAKE_SECONDS)
+                if layer._purge_is_due():
+                    with self._changed:
+                        self._purging = True
+                    try:
+                        layer._idle_purge(self)
+                    finally:
+                        with self._changed:
+                            self._purging = False
+                            self._changed.notify_all()
+                    continue
+                del layer
+                self._purge_wanted.wait(max(wait, 0.001))
+                self._purge_wanted.clear()
+        finally:
+            with self._changed:
+                if self._purger is threading.current_thread():
+                    self._purger = None
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        """End the purge thread and close the connection once the current leader is done."""
+        with self._changed:
+            self._stopping = True
+            purger = self._purger
+        self._purge_wanted.set()
+        if purger is not None and purger is not threading.current_thread():
+            purger.join()
+        with self._connection_lock:
+            connection, self.connection = self.connection, None
+            if connection is not None:
+                connection.close()
+        with self._changed:
+            self._stopping = False
+            self._purge_wanted.clear()
+
+    def shutdown(self) -> None:
+        """End the purge thread without waiting: the layer is gone."""
+        if self.pid == os.getpid():
+            self._stopping = True
+            self._purge_wanted.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued, running or due to purge (tests use it to see a purge's
+        result); returns whether it got there in time.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changed:
+                idle = self._changed.wait_for(
+                    lambda: not self._leading and not self._queue and not self._purging,
+                    max(deadline - time.monotonic(), 0),
+                )
+            layer = self._layer()
+            if not idle or layer is None or self._purger is None or not layer._purge_is_due():
+                return idle
+            del layer
+            self._purge_wanted.set()
+            time.sleep(0.001)  # the purge thread takes it from here
 
 
 def _copy(exc: BaseException) -> BaseException:
