@@ -297,7 +297,8 @@ def test_fork_never_hands_an_open_connection_to_the_child(
     layer: SQLitePersistenceLayer,
 ) -> None:
     parent_key = layer.build_idempotency_key("parent")
-    layer.save_inprogress(parent_key, "parent")  # the parent now holds a connection
+    layer.save_inprogress(parent_key, "parent")
+    layer.get_record(parent_key)  # the parent now holds a reader connection
     parent_connection = layer._local.connection
     assert parent_connection is not None
     child_key = layer.build_idempotency_key("child")
@@ -308,6 +309,7 @@ def test_fork_never_hands_an_open_connection_to_the_child(
         try:
             inherited = layer._local.connection
             layer.save_inprogress(child_key, "child")
+            layer.get_record(child_key)
             fresh = layer._local.connection
             if inherited is not None:
                 code = 2
@@ -354,6 +356,7 @@ def test_connection_of_an_ended_thread_is_closed(layer: SQLitePersistenceLayer) 
 def test_close_closes_the_connections_of_every_thread(layer: SQLitePersistenceLayer) -> None:
     key = layer.build_idempotency_key("order-1")
     layer.save_inprogress(key, "hash-a")
+    layer.get_record(key)
     ready, done = threading.Event(), threading.Event()
     seen: list[sqlite3.Connection] = []
 

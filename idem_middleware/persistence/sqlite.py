@@ -45,7 +45,7 @@ from idem_middleware.exceptions import (
     StoreRecordUnreadableError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
-from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
+from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     The layer never creates the file's directory: a path in a missing directory is a
     :class:`StoreNotFoundError`, from :meth:`check` at startup and from every call.
 
+    ``inline_replays`` (default) answers a replay from a read on the calling thread (the event
+    loop under ASGI) that never waits for a lock: one row by primary key from a local file, in
+    the OS page cache once the file is warm, costs less than the hop to a worker thread it
+    saves. ``False`` makes every store call go through the adapter's worker threads.
+
     ``synchronous`` is SQLite's durability setting: ``"FULL"`` (default) keeps every completed
     record through a power cut; ``"NORMAL"`` is faster and may lose the last few on power loss
     (never on an application crash), which would let a retry run its handler again.
@@ -114,6 +119,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         purge_interval_seconds: float = 300.0,
         purge_batch_size: int = 1000,
         synchronous: Synchronous = "FULL",
+        inline_replays: bool = True,
     ) -> None:
         super().__init__()
         if sqlite3.sqlite_version_info < _MIN_SQLITE:
@@ -140,7 +146,9 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         self.purge_interval_seconds = purge_interval_seconds
         self.purge_batch_size = purge_batch_size
         self.synchronous = synchronous
+        self.inline_replays = inline_replays
         self._local = _ThreadConnection()
+        self._quick = _ThreadConnection()
         # Every open connection of this process, for close(); weak, so the connection of a
         # thread that has ended is closed with the thread's local storage (servers that start
         # a thread per request would otherwise pile up open files).
@@ -202,18 +210,12 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     def _put_record(self, data_record: DataRecord) -> None:
         now = self.clock()
         key = data_record.idempotency_key
-        with self._store_errors("claim"):
-            row = self._connection().execute(self._sql_select, (key,)).fetchone()
-        if row is not None:
-            # A replay or a conflict needs no write: a live record is the answer. A record this
-            # version cannot read goes on to the writer, whose claim may replace it (dead) or
-            # report it as unreadable (live), as a claim always did.
-            try:
-                existing = _row_to_record(row)
-            except (TypeError, ValueError, IdempotencyInvalidStatusError):
-                existing = None
-            if existing is not None and existing.blocks_claim(now):
-                raise IdempotencyItemAlreadyExistsError(existing)
+        # A replay or a conflict needs no write: a live record is the answer. Anything else (no
+        # record, a dead or unreadable one, a read that would wait) goes to the writer, which
+        # decides under the write lock, as a claim always did.
+        existing = self._peek(key)
+        if existing is not None and existing.blocks_claim(now):
+            raise IdempotencyItemAlreadyExistsError(existing)
         params = {
             "id": key,
             "status": data_record.status,
@@ -241,6 +243,39 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             raise IdempotencyItemAlreadyExistsError(
                 self._row_to_record(existing_row) if existing_row else None
             )
+
+    def get_cached_record(self, idempotency_key: str) -> DataRecord | None:
+        """Without an in-process LRU (``use_local_cache``) and with ``inline_replays``, the
+        file is the local cache: the key's COMPLETED record, read by the calling thread without
+        waiting for any lock. The engine calls this before any store call (on the event loop
+        under ASGI), so a replay needs no worker thread. ``None`` sends the request on to the
+        claim.
+        """
+        if self._cache is not None or not self.inline_replays:
+            # An in-process LRU is configured: it alone is the local cache, bounded as asked.
+            return super().get_cached_record(idempotency_key)
+        record = self._peek(idempotency_key)
+        if record is None or record.status != STATUS_COMPLETED or record.is_expired(self.clock()):
+            return None
+        self._save_to_cache(record)
+        return record
+
+    def _peek(self, idempotency_key: str) -> DataRecord | None:
+        """The key's record, or ``None`` when there is none, it cannot be read, or reading it
+        would wait for a lock (the connection's busy timeout is 0): the caller then takes the
+        path that decides under the write lock.
+        """
+        try:
+            row = self._connection(quick=True).execute(self._sql_select, (idempotency_key,))
+            found = row.fetchone()
+        except sqlite3.Error:
+            return None
+        if found is None:
+            return None
+        try:
+            return _row_to_record(found)
+        except (TypeError, ValueError, IdempotencyInvalidStatusError):
+            return None
 
     def _get_record(self, idempotency_key: str) -> DataRecord:
         with self._store_errors("read"):
@@ -400,18 +435,22 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         with self._connections_lock:
             connections = [c for c in self._connections if c.owner_pid == pid]
             self._local = _ThreadConnection()
+            self._quick = _ThreadConnection()
         for connection in connections:
             connection.close()
 
     # Connections --------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        local = self._local
+    def _connection(self, *, quick: bool = False) -> sqlite3.Connection:
+        """This thread's connection; ``quick``: its connection for reads that never wait."""
+        local = self._quick if quick else self._local
         pid = os.getpid()
         if local.connection is None or local.pid != pid:
             if local.connection is not None:
                 self._inherited.append(local.connection)
             connection = self._connect()
+            if quick:
+                connection.execute("PRAGMA busy_timeout = 0")
             with self._connections_lock:
                 self._connections.add(connection)
             local.connection = connection
