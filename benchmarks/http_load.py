@@ -32,7 +32,9 @@ from benchmarks.apps import ORDER_BODY, ORDER_PATH
 CONNECTIONS = 32
 REPLAY_KEYS = 500
 PAYMENT_BODY = b'{"amount":1250,"currency":"EUR"}'
-STORES = ("memory", "sqlite", "dynamodb")
+# "sqlite": synchronous=FULL, the default (a completed record survives a power cut);
+# "sqlite-normal": synchronous=NORMAL (may lose the last commits on power loss, not on a crash).
+STORES = ("memory", "sqlite", "sqlite-normal", "dynamodb")
 # DynamoDB Local keeps one database per access key and region: the servers and the process that
 # creates the table must use the same ones.
 CREDENTIALS = {
@@ -109,6 +111,8 @@ def _store_env(store: str | None, workdir: Path, dynamodb_url: str, table: str) 
     env["IDEM_STORE_URL"] = {
         "memory": "memory://",
         "sqlite": f"sqlite:///{workdir}/idempotency-{uuid.uuid4().hex[:8]}.sqlite3",
+        "sqlite-normal": f"sqlite:///{workdir}/idempotency-{uuid.uuid4().hex[:8]}.sqlite3"
+        "?synchronous=NORMAL",
         "dynamodb": f"dynamodb://{table}?region={CREDENTIALS['AWS_DEFAULT_REGION']}"
         f"&endpoint_url={dynamodb_url}",
     }[store]

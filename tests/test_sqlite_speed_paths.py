@@ -71,8 +71,8 @@ def traced_layer(
     layer.clock = clock
     connect = layer._connect
 
-    def traced_connect() -> Any:
-        connection = connect()
+    def traced_connect(*args: Any) -> Any:
+        connection = connect(*args)
         connection.set_trace_callback(statements.recorder(connection))
         return connection
 
@@ -415,3 +415,97 @@ def test_renewal_is_fenced_on_the_lease(layer: SQLitePersistenceLayer, clock: Fa
         layer._renew_record(lease, renewed)  # the old lease no longer holds the record
     layer.save_success(renewed, RESPONSE)
     assert layer.get_record(key).status == STATUS_COMPLETED
+
+
+# Inline replays: the file is the local cache -----------------------------------------------------
+
+
+def test_a_replay_over_asgi_needs_no_worker_thread(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio.to_thread
+
+    from tests.support.harness import Harness
+
+    layer = SQLitePersistenceLayer(db_path)
+    harness = Harness("asgi", layer, IdempotencyConfig())
+    thread_calls: list[str] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        thread_calls.append(getattr(function, "__name__", repr(function)))
+        return await run_sync(function, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    try:
+        headers = [("Idempotency-Key", "order-1")]
+        first = harness.request("POST", "/orders", headers=headers, json_body={"sku": "a"})
+        assert first.status == 201
+        assert thread_calls  # the claim and the completion went through worker threads
+        thread_calls.clear()
+
+        replay = harness.request("POST", "/orders", headers=headers, json_body={"sku": "a"})
+        assert replay.replayed
+        assert replay.body == first.body
+        # Before: the replay's claim went to a worker thread, which then read the record.
+        assert thread_calls == []
+        assert harness.calls["orders"] == 1
+    finally:
+        layer.close()
+
+
+def test_only_completed_live_records_are_served_inline(
+    layer: SQLitePersistenceLayer, clock: FakeClock, db_path: Path
+) -> None:
+    writer = SQLitePersistenceLayer(db_path)  # another worker process's layer
+    writer.configure(CONFIG)
+    writer.clock = clock
+    try:
+        done = layer.build_idempotency_key("done")
+        writer.save_success(writer.save_inprogress(done, "h"), RESPONSE)
+        running = layer.build_idempotency_key("running")
+        writer.save_inprogress(running, "h")
+
+        served = layer.get_cached_record(done)
+        assert served is not None
+        assert served.response == RESPONSE
+        assert layer.get_cached_record(running) is None  # a claim decides what to do with it
+        assert layer.get_cached_record(layer.build_idempotency_key("absent")) is None
+        clock.advance(3601)
+        assert layer.get_cached_record(done) is None  # expired
+    finally:
+        writer.close()
+
+
+def test_inline_replays_can_be_switched_off(db_path: Path, clock: FakeClock) -> None:
+    layer = SQLitePersistenceLayer(db_path, inline_replays=False)
+    layer.configure(CONFIG)
+    layer.clock = clock
+    try:
+        key = layer.build_idempotency_key("done")
+        layer.save_success(layer.save_inprogress(key, "h"), RESPONSE)
+        assert layer.get_cached_record(key) is None
+        with pytest.raises(IdempotencyItemAlreadyExistsError):
+            layer.save_inprogress(key, "h")  # still answered, by the claim
+    finally:
+        layer.close()
+
+
+def test_an_inline_read_never_waits_for_a_lock(db_path: Path, clock: FakeClock) -> None:
+    # A file another program holds locked, in the rollback-journal mode where even readers
+    # wait: the inline read answers "not here" at once instead of holding up the event loop.
+    with sqlite3.connect(db_path) as setup:
+        setup.execute("CREATE TABLE other (x INTEGER)")
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    layer = SQLitePersistenceLayer(db_path, busy_timeout_seconds=3)
+    layer.configure(CONFIG)
+    layer.clock = clock
+    try:
+        started = time.monotonic()
+        assert layer.get_cached_record(layer.build_idempotency_key("order-1")) is None
+        assert time.monotonic() - started < 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        layer.close()

@@ -448,25 +448,28 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         if local.connection is None or local.pid != pid:
             if local.connection is not None:
                 self._inherited.append(local.connection)
-            connection = self._connect()
-            if quick:
-                connection.execute("PRAGMA busy_timeout = 0")
+            # The quick connection never waits, even to open: a file still being set up by
+            # another process is a miss, and the caller takes the path that waits.
+            connection = self._connect(0.0 if quick else self.busy_timeout_seconds)
             with self._connections_lock:
                 self._connections.add(connection)
             local.connection = connection
             local.pid = pid
         return local.connection
 
-    def _connect(self) -> _Connection:
+    def _connect(self, busy_timeout_seconds: float | None = None) -> _Connection:
+        timeout = (
+            self.busy_timeout_seconds if busy_timeout_seconds is None else busy_timeout_seconds
+        )
         connection = sqlite3.connect(
             self.path,
             factory=_Connection,
-            timeout=self.busy_timeout_seconds,
+            timeout=timeout,
             isolation_level=None,  # autocommit; _put_record opens its own transaction
             check_same_thread=False,  # used by one thread only, but close() may run elsewhere
         )
         try:
-            mode = self._enable_wal(connection)
+            mode = self._enable_wal(connection, timeout)
             if mode is None or str(mode[0]).lower() != "wal":
                 logger.warning(
                     "SQLite file %s could not switch to WAL mode (journal_mode=%s); "
@@ -508,13 +511,13 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             if "duplicate column" not in str(exc).lower():  # another worker added it first
                 raise
 
-    def _enable_wal(self, connection: sqlite3.Connection) -> Any:
+    def _enable_wal(self, connection: sqlite3.Connection, timeout: float) -> Any:
         """Switch the file to WAL (a no-op once it is), waiting up to the busy timeout.
 
         The switch needs the file to itself and SQLite does not apply the busy handler to it,
         so workers that open a new file at the same moment would otherwise fail at once.
         """
-        deadline = time.monotonic() + self.busy_timeout_seconds
+        deadline = time.monotonic() + timeout
         delay = 0.002
         while True:
             try:
