@@ -509,3 +509,20 @@ def test_an_inline_read_never_waits_for_a_lock(db_path: Path, clock: FakeClock) 
         blocker.execute("ROLLBACK")
         blocker.close()
         layer.close()
+
+
+def test_a_claim_reads_the_key_once(db_path: Path, clock: FakeClock) -> None:
+    statements = Statements()
+    layer = traced_layer(db_path, clock, statements)
+    try:
+        idle_writer(layer)
+        selects = statements.count("SELECT")
+        layer.save_inprogress(layer.build_idempotency_key("order-1"), "h")
+        # The local-cache lookup's read serves the claim's look before it goes to the writer.
+        assert statements.count("SELECT") - selects == 1
+        running = layer.build_idempotency_key("order-1")
+        with pytest.raises(IdempotencyItemAlreadyExistsError):
+            layer.save_inprogress(running, "h")  # a conflict: the same one read, no write
+        assert statements.count("SELECT") - selects == 2
+    finally:
+        layer.close()

@@ -76,6 +76,13 @@ class _Connection(sqlite3.Connection):
         self.owner_pid = os.getpid()
 
 
+class _Peeked(threading.local):
+    """The last record this thread read for a key that ``get_cached_record`` did not serve."""
+
+    key: str | None = None
+    record: DataRecord | None = None
+
+
 class _ThreadConnection(threading.local):
     """This thread's connection and the process that opened it."""
 
@@ -149,6 +156,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         self.inline_replays = inline_replays
         self._local = _ThreadConnection()
         self._quick = _ThreadConnection()
+        self._peeked = _Peeked()
         # Every open connection of this process, for close(); weak, so the connection of a
         # thread that has ended is closed with the thread's local storage (servers that start
         # a thread per request would otherwise pile up open files).
@@ -213,7 +221,13 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         # A replay or a conflict needs no write: a live record is the answer. Anything else (no
         # record, a dead or unreadable one, a read that would wait) goes to the writer, which
         # decides under the write lock, as a claim always did.
-        existing = self._peek(key)
+        peeked = self._peeked
+        if peeked.key == key:
+            # save_inprogress asked get_cached_record a moment ago, on this thread: that read
+            # is this one.
+            existing, peeked.key = peeked.record, None
+        else:
+            existing = self._peek(key)
         if existing is not None and existing.blocks_claim(now):
             raise IdempotencyItemAlreadyExistsError(existing)
         params = {
@@ -256,8 +270,9 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             return super().get_cached_record(idempotency_key)
         record = self._peek(idempotency_key)
         if record is None or record.status != STATUS_COMPLETED or record.is_expired(self.clock()):
+            peeked = self._peeked
+            peeked.key, peeked.record = idempotency_key, record
             return None
-        self._save_to_cache(record)
         return record
 
     def _peek(self, idempotency_key: str) -> DataRecord | None:
