@@ -1,6 +1,7 @@
 """The SQLite layer's fast paths (issue 11): replays and conflicts answered by a read that takes
-no write lock, one writer thread per process committing waiting writes together, the purge on
-that thread instead of a request's, and the writer's own failure handling.
+no write lock (and replays served before any store call), one writer connection per process
+committing waiting writes together, the purge on a thread of its own instead of a request's, and
+the writer's own failure handling.
 """
 
 from __future__ import annotations

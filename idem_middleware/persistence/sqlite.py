@@ -9,14 +9,15 @@ DynamoDB layer, whose attribute names the columns mirror. A table made before le
 gains the ``lease_id`` column on first connection; its rows keep working, fenced on
 ``in_progress_expiration`` alone.
 
-Speed without giving up ``synchronous=FULL``: each process writes through one thread of its own
-(:class:`_Writer`), which commits every write waiting at that moment in one transaction (group
-commit: one fsync for many claims and completions) instead of leaving threads to queue for the
-file's write lock in SQLite's sleeping busy handler. A claim first reads the key on the calling
-thread's own connection, which takes no lock in WAL mode: a live record (the replay, the
-conflict) is answered from there, and only a key that is free goes to the writer, which decides
-again inside its ``BEGIN IMMEDIATE`` transaction, so the claim stays atomic across processes.
-Expired records are purged by the writer when it has nothing else to do.
+Speed without giving up ``synchronous=FULL``: each process writes through one connection
+(:class:`_Writer`), and every write waiting for it is committed in one transaction (group
+commit: one fsync for many claims and completions) instead of threads queueing for the file's
+write lock in SQLite's sleeping busy handler. A claim first reads the key on a connection of the
+calling thread, which takes no lock in WAL mode: a live record (the replay, the conflict) is
+answered from there, and only a key that is free goes to the writer, which decides again inside
+its ``BEGIN IMMEDIATE`` transaction, so the claim stays atomic across processes. Replays are
+even served before any store call, from the engine's local-cache lookup (``inline_replays``).
+Expired records are purged by a thread of their own, in batches queued like writes.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ _PURGE_BUSY_TIMEOUT_MS = 50
 #: Most writes committed in one transaction: bounds how long the first of them waits for the
 #: last, and the work redone when one write of a batch fails.
 _MAX_BATCH = 256
-#: How often a parked writer wakes up to see whether a purge is due (or its layer is gone).
+#: How often the purge thread wakes up to see whether a purge is due (or its layer is gone).
 _WRITER_WAKE_SECONDS = 30.0
 
 T = TypeVar("T")
@@ -94,15 +95,15 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     """Records in one table of an SQLite file: for apps served by several worker processes on
     one host (gunicorn, uvicorn ``--workers``) without a network store.
 
-    Each thread of each process opens its own connection for reads on first use, and each
-    process starts its own writer thread on its first write, so a layer built before the server
-    forks its workers is safe to use in every worker. A write that waits more than
-    ``busy_timeout_seconds`` for the file's write lock (held by another process) fails with
-    :class:`IdempotencyPersistenceLayerError`. Expired records are deleted every
-    ``purge_interval_seconds`` by the writer thread between writes, at most
-    ``purge_batch_size`` of them per transaction (it keeps purging a batch whenever it is idle
-    until the backlog is gone), so the file stays bounded by the records that are still live
-    and no request waits for a purge.
+    Each thread of each process opens its own connections for reads on first use; each
+    process opens one connection for its writes and starts its purge thread on its first
+    write, so a layer built before the server forks its workers is safe to use in every
+    worker. A write that waits more than ``busy_timeout_seconds`` for the file's write lock
+    (held by another process) fails with :class:`IdempotencyPersistenceLayerError`. Expired
+    records are deleted every ``purge_interval_seconds`` by the purge thread, at most
+    ``purge_batch_size`` of them per transaction (batch after batch until the backlog is gone,
+    each queued behind the writes waiting at that moment), so the file stays bounded by the
+    records that are still live and no request runs a purge.
 
     The layer never creates the file's directory: a path in a missing directory is a
     :class:`StoreNotFoundError`, from :meth:`check` at startup and from every call.
@@ -166,7 +167,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         # referenced and never used nor closed in the child (SQLite's rule for fork()).
         self._inherited: list[sqlite3.Connection] = []
         self._writer = _Writer(weakref.ref(self))
-        # A layer dropped without close() stops its writer thread (which holds it only weakly).
+        # A layer dropped without close() stops its purge thread (which holds it only weakly).
         weakref.finalize(self, _Writer.shutdown, self._writer)
         _close_connections_at_fork(self)
         self._next_purge = 0.0
@@ -365,7 +366,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     def _process_writer(self) -> _Writer:
         writer = self._writer
         if writer.pid != os.getpid():
-            # Forked without the at-fork hook: the parent's writer thread does not exist here,
+            # Forked without the at-fork hook: the parent's purge thread does not exist here,
             # and its connection must be neither used nor closed in this process.
             if writer.connection is not None:
                 self._inherited.append(writer.connection)
@@ -387,7 +388,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         """Delete records past their expiry, in batches of ``purge_batch_size`` (every batch
         when ``max_batches`` is ``None``); returns how many were deleted.
 
-        Each batch is its own short transaction of the writer thread, so claims from other
+        Each batch is its own short transaction of this process's writer, so claims from other
         workers interleave with a large purge instead of waiting for it.
         """
         cutoff = int(self.clock() if now is None else now)
@@ -409,10 +410,7 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     def _purge_is_due(self) -> bool:
         return self.clock() >= self._next_purge
 
-    def _purge_is_overdue(self) -> bool:
-        return self.clock() >= self._next_purge + self.purge_interval_seconds
-
-    def _idle_purge(self, writer: _Writer) -> None:
+    def _purge_once(self, writer: _Writer) -> None:
         """One batch, run by the purge thread in a transaction of its own, queued behind the
         writes waiting at that moment; while a backlog remains, the next batch follows.
         """
@@ -437,8 +435,8 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             logger.debug("purged %d expired idempotency records", deleted)
 
     def close(self) -> None:
-        """Stop this process's writer thread and close the connections this process opened,
-        from any thread. Later calls reopen (and restart the writer).
+        """Stop this process's purge thread and close the connections this process opened (the
+        writer's once its current batch is committed), from any thread. Later calls reopen.
 
         Also runs in the parent just before ``os.fork()``, so that a child (a server worker)
         never inherits an open SQLite connection: SQLite's per-process lock bookkeeping would
@@ -601,7 +599,7 @@ def _close_connections_at_fork(layer: SQLitePersistenceLayer) -> None:
         target = ref()
         if target is not None:
             target._connections_lock = threading.Lock()
-            # The parent's writer thread does not exist here, and its lock may have been held
+            # The parent's purge thread does not exist here, and its locks may have been held
             # at the fork: this process's first write starts a writer of its own.
             target._writer = _Writer(ref)
 
@@ -805,7 +803,7 @@ class _Writer:
                     with self._changed:
                         self._purging = True
                     try:
-                        layer._idle_purge(self)
+                        layer._purge_once(self)
                     finally:
                         with self._changed:
                             self._purging = False
