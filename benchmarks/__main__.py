@@ -3,7 +3,7 @@
 Prints the tables and the targets, writes ``docs/benchmarks.png`` and the results block of
 ``BENCHMARKS.md``. DynamoDB Local is started once (as the test session does) unless
 ``--endpoint-url`` names one. ``--quick`` runs every section briefly, to check the setup;
-``--only`` runs some sections (``inprocess``, ``dynamodb``, ``http``).
+``--only`` runs some sections (``inprocess``, ``dynamodb``, ``http``, ``streaming``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import argparse
 import os
 import sys
 
-from benchmarks import dynamodb, http_load, inprocess, report
+from benchmarks import dynamodb, http_load, inprocess, report, streaming
 from benchmarks.store_roundtrips import dynamodb as dynamodb_server
 
-SECTIONS = ("inprocess", "dynamodb", "http")
+SECTIONS = ("inprocess", "dynamodb", "http", "streaming")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
             if "http" in sections:
                 print("3/3 HTTP under load ...", file=sys.stderr, flush=True)
                 results.http = http_load.run(seconds=2 if args.quick else 5, dynamodb_url=url)
+
+    if "streaming" in sections:
+        print("streaming: time to first byte ...", file=sys.stderr, flush=True)
+        streamed = streaming.run(*((30, 20) if args.quick else ()))
+        streaming.print_table(streamed)
+        if not args.no_write:
+            streaming.update_markdown(streamed)
+        if set(sections) == {"streaming"}:
+            return 0  # the other sections' results block stays as it is
 
     checks = report.targets(results)
     report.print_rich(results, checks)

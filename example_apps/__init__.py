@@ -9,7 +9,8 @@ users would:
 * ``example_apps.flask_app`` - ``app.wsgi_app = IdempotencyWSGIMiddleware(app.wsgi_app, ...)``
 
 Routes: ``POST /payments``, ``POST /payments/{id}/refunds``, ``GET /payments/{id}``,
-``GET /health`` and ``GET /_stats`` (how many payments and refunds the handlers created).
+``POST /exports`` (a CSV of the user's payments, streamed line by line), ``GET /health`` and
+``GET /_stats`` (how many payments, refunds and exports the handlers created).
 Callers authenticate with ``Authorization: Bearer <user>``; in these demos the token *is* the
 user id. Environment variables (store, ledger) are listed in ``example_apps.store``.
 """

@@ -18,6 +18,7 @@ import os
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from example_apps.store import (
@@ -29,8 +30,10 @@ from example_apps.store import (
     authenticated_user,
     charge_card,
     configure_logging,
+    conflict_wait_seconds_from_env,
     on_store_error_from_env,
     persistence_layer_from_env,
+    stream_lines,
     user_scope,
 )
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
@@ -40,10 +43,11 @@ configure_logging()
 ledger = Ledger.from_env()
 
 config = IdempotencyConfig(
-    include_paths=("/payments", "/payments/*/refunds"),
+    include_paths=("/payments", "/payments/*/refunds", "/exports"),
     require_key=True,
     scope=user_scope,
     on_store_error=on_store_error_from_env(),
+    conflict_wait_seconds=conflict_wait_seconds_from_env(),
 )
 app = FastAPI(title="Payments (FastAPI)")
 app.add_middleware(
@@ -95,6 +99,18 @@ def create_refund(
         raise HTTPException(404, "no such payment") from None
     except RefundExceedsPayment as exc:
         raise HTTPException(422, str(exc)) from None
+
+
+@app.post("/exports", status_code=201, response_class=StreamingResponse)
+def create_export(user: User) -> StreamingResponse:
+    """A CSV export of the user's payments, streamed line by line as it is produced."""
+    export_id, lines = ledger.create_export(user)
+    return StreamingResponse(
+        stream_lines(lines),
+        status_code=201,
+        media_type="text/csv",
+        headers={"X-Export-Id": export_id},
+    )
 
 
 @app.get("/payments/{payment_id}")

@@ -22,10 +22,12 @@ from example_apps.store import (
     authenticated_user,
     charge_card,
     configure_logging,
+    conflict_wait_seconds_from_env,
     on_store_error_from_env,
     parse_payment,
     parse_refund,
     persistence_layer_from_env,
+    stream_lines,
     user_scope,
 )
 from idem_middleware import IdempotencyConfig, IdempotencyWSGIMiddleware
@@ -38,10 +40,11 @@ app.wsgi_app = IdempotencyWSGIMiddleware(  # type: ignore[method-assign]
     app.wsgi_app,
     persistence_layer=persistence_layer_from_env(),
     config=IdempotencyConfig(
-        include_paths=("/payments", "/payments/*/refunds"),
+        include_paths=("/payments", "/payments/*/refunds", "/exports"),
         require_key=True,
         scope=user_scope,
         on_store_error=on_store_error_from_env(),
+        conflict_wait_seconds=conflict_wait_seconds_from_env(),
     ),
 )
 
@@ -91,6 +94,16 @@ def create_refund(payment_id: str) -> tuple[Response, int]:
     except (InvalidRequest, RefundExceedsPayment) as exc:
         abort(error(422, str(exc)))
     return jsonify(refund), 201
+
+
+@app.post("/exports")
+def create_export() -> Response:
+    """A CSV export of the user's payments, streamed line by line as it is produced."""
+    user = require_user()
+    export_id, lines = ledger.create_export(user)
+    return Response(
+        stream_lines(lines), 201, mimetype="text/csv", headers={"X-Export-Id": export_id}
+    )
 
 
 @app.get("/payments/<payment_id>")

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from example_apps.store import (
@@ -26,10 +26,12 @@ from example_apps.store import (
     authenticated_user,
     charge_card,
     configure_logging,
+    conflict_wait_seconds_from_env,
     on_store_error_from_env,
     parse_payment,
     parse_refund,
     persistence_layer_from_env,
+    stream_lines,
     user_scope,
 )
 from idem_middleware import IdempotencyConfig, IdempotencyMiddleware
@@ -87,6 +89,18 @@ async def create_refund(request: Request) -> JSONResponse:
     return JSONResponse(refund, status_code=201)
 
 
+async def create_export(request: Request) -> StreamingResponse:
+    """A CSV export of the user's payments, streamed line by line as it is produced."""
+    user = require_user(request)
+    export_id, lines = await run_in_threadpool(ledger.create_export, user)
+    return StreamingResponse(
+        stream_lines(lines),
+        status_code=201,
+        media_type="text/csv",
+        headers={"X-Export-Id": export_id},
+    )
+
+
 async def get_payment(request: Request) -> JSONResponse:
     user = require_user(request)
     try:
@@ -117,6 +131,7 @@ app = Starlette(
         Route("/payments", create_payment, methods=["POST"]),
         Route("/payments/{payment_id}/refunds", create_refund, methods=["POST"]),
         Route("/payments/{payment_id}", get_payment, methods=["GET"]),
+        Route("/exports", create_export, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/_stats", stats, methods=["GET"]),
     ],
@@ -125,10 +140,11 @@ app = Starlette(
             IdempotencyMiddleware,
             persistence_layer=persistence_layer_from_env(),
             config=IdempotencyConfig(
-                include_paths=("/payments", "/payments/*/refunds"),
+                include_paths=("/payments", "/payments/*/refunds", "/exports"),
                 require_key=True,
                 scope=user_scope,
                 on_store_error=on_store_error_from_env(),
+                conflict_wait_seconds=conflict_wait_seconds_from_env(),
             ),
         )
     ],

@@ -10,8 +10,12 @@ app runs unchanged on a laptop (``memory://``), on one host with several worker 
                                  ``&endpoint_url=http://localhost:8000``),
                                  ``redis://localhost:6379/0``
 ``IDEM_ON_STORE_ERROR``          ``reject`` (default: 503) or ``passthrough`` (run, warn)
+``IDEM_CONFLICT_WAIT_SECONDS``   how long a duplicate of a request in flight waits for its
+                                 answer (default ``0``: 409 at once)
 ``EXAMPLE_LEDGER_PATH``          SQLite file of payments (unset: in memory, one process)
 ``EXAMPLE_CHARGE_DELAY_SECONDS`` simulated card-processor latency (default ``0``)
+``EXAMPLE_EXPORT_LINE_DELAY_SECONDS`` pause between two lines of a streamed export (default
+                                 ``0``)
 ``LOG_LEVEL``                    ``INFO`` logs every decision of the middleware
 ================================ ===========================================================
 
@@ -58,6 +62,20 @@ def on_store_error_from_env(env: Mapping[str, str] = os.environ) -> StoreErrorPo
     if policy not in ("reject", "passthrough"):
         raise ValueError(f"IDEM_ON_STORE_ERROR={policy!r}: expected reject or passthrough")
     return cast(StoreErrorPolicy, policy)
+
+
+def conflict_wait_seconds_from_env(env: Mapping[str, str] = os.environ) -> float:
+    """``IDEM_CONFLICT_WAIT_SECONDS``: how long a duplicate of a request still in flight waits
+    for its answer (``IdempotencyConfig.conflict_wait_seconds``); 0, the default, answers 409.
+    """
+    value = env.get("IDEM_CONFLICT_WAIT_SECONDS", "0")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 3600:  # also refuses nan and inf
+        raise ValueError(f"IDEM_CONFLICT_WAIT_SECONDS={value!r}: expected seconds, from 0")
+    return seconds
 
 
 # Authentication (demo) ----------------------------------------------------------------------
@@ -159,6 +177,17 @@ def charge_card(payment: NewPayment) -> None:
         time.sleep(delay)
 
 
+def stream_lines(lines: list[str]) -> Iterator[bytes]:
+    """A streamed export: each line as soon as it is ready, the next after
+    ``EXAMPLE_EXPORT_LINE_DELAY_SECONDS`` (a slow query, a large report).
+    """
+    delay = float(os.environ.get("EXAMPLE_EXPORT_LINE_DELAY_SECONDS", "0"))
+    for index, line in enumerate(lines):
+        if index and delay > 0:
+            time.sleep(delay)
+        yield line.encode()
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS payments (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, amount INTEGER NOT NULL, currency TEXT NOT NULL,
@@ -167,6 +196,9 @@ CREATE TABLE IF NOT EXISTS payments (
 CREATE TABLE IF NOT EXISTS refunds (
     id TEXT PRIMARY KEY, payment_id TEXT NOT NULL REFERENCES payments(id),
     amount INTEGER NOT NULL, created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS exports (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, created TEXT NOT NULL
 );
 """
 
@@ -249,12 +281,38 @@ class Ledger:
             db.execute("INSERT INTO refunds VALUES (:id, :payment_id, :amount, :created)", refund)
         return {"object": "refund", "currency": payment["currency"], **refund}
 
+    def create_export(self, owner: str) -> tuple[str, list[str]]:
+        """A new export of the owner's payments: its id, and its CSV lines (newline-ended)."""
+        export_id = f"exp_{uuid.uuid4().hex[:24]}"
+        created = _now()
+        with self._transaction() as db:
+            db.execute("INSERT INTO exports VALUES (?, ?, ?)", (export_id, owner, created))
+            rows = db.execute(
+                "SELECT id, amount, currency, created FROM payments WHERE owner = ? "
+                "ORDER BY created, id",
+                (owner,),
+            ).fetchall()
+        lines = [
+            f"# export {export_id}, created {created}\n",
+            "payment_id,amount,currency,created\n",
+            *(f"{r['id']},{r['amount']},{r['currency']},{r['created']}\n" for r in rows),
+            f"# end of export {export_id}: {len(rows)} payments\n",
+        ]
+        return export_id, lines
+
     def stats(self) -> dict[str, int]:
-        """How many payments and refunds were ever created: how often the handlers ran."""
+        """How many payments, refunds and exports were ever created: how often the handlers
+        ran.
+        """
         with self._transaction() as db:
             payments = db.execute("SELECT COUNT(*) FROM payments").fetchone()[0]
             refunds = db.execute("SELECT COUNT(*) FROM refunds").fetchone()[0]
-        return {"payments_created": payments, "refunds_created": refunds}
+            exports = db.execute("SELECT COUNT(*) FROM exports").fetchone()[0]
+        return {
+            "payments_created": payments,
+            "refunds_created": refunds,
+            "exports_created": exports,
+        }
 
     @staticmethod
     def _payment_row(db: sqlite3.Connection, owner: str, payment_id: str) -> sqlite3.Row:

@@ -6,8 +6,11 @@ back. See ``IdempotencyMiddleware`` (ASGI) and ``IdempotencyWSGIMiddleware`` (WS
 
 from idem_middleware.asgi import IdempotencyMiddleware
 from idem_middleware.config import IdempotencyConfig
+from idem_middleware.decorator import idempotent
 from idem_middleware.engine import IdempotencyEvent
 from idem_middleware.request import IdempotencyRequest
+from idem_middleware.responses import StoredResponse
+from idem_middleware.state import IdempotencyState
 from idem_middleware.wsgi import IdempotencyWSGIMiddleware
 
 __all__ = [
@@ -15,6 +18,9 @@ __all__ = [
     "IdempotencyEvent",
     "IdempotencyMiddleware",
     "IdempotencyRequest",
+    "IdempotencyState",
     "IdempotencyWSGIMiddleware",
+    "StoredResponse",
+    "idempotent",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,12 @@ started a response that is stored, a client that goes away never does: the recor
 and headers (``Idempotent-Body-Omitted``), so the handler never runs twice.
 
 At lifespan startup the persistence layer is checked (``check()``); a store it cannot use fails
-the server's startup with a message naming the problem.
+the server's startup with a message naming the problem. So do invalid ``@idempotent`` options:
+the app's routes are read then (or on the first request, without a lifespan), and each request
+of an app with decorated routes is resolved to its route's engine with one regex match.
+
+A handler running under a claimed key finds an :class:`~idem_middleware.state.IdempotencyState`
+in ``request.state.idempotency`` (``scope["state"]["idempotency"]``).
 """
 
 from __future__ import annotations
@@ -27,10 +32,20 @@ import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from idem_middleware.config import IdempotencyConfig
-from idem_middleware.engine import IdempotencyEngine, PassThrough, PendingClaim, Proceed, Respond
+from idem_middleware.engine import (
+    Conflict,
+    IdempotencyEngine,
+    PassThrough,
+    PendingClaim,
+    Proceed,
+    Respond,
+)
+from idem_middleware.lease import AsyncLeaseKeeper, wait_for_answer_async
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
+from idem_middleware.route_table import RouteResolver
+from idem_middleware.state import STATE_NAME, IdempotencyState
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -75,6 +90,8 @@ class IdempotencyMiddleware:
     ) -> None:
         self.app = app
         self.engine = IdempotencyEngine(persistence_layer, config)
+        #: The engines of ``@idempotent`` routes, found in the app's routes at startup.
+        self.routes = RouteResolver(app, self.engine)
         # Limiters per event loop, as anyio keeps its own default thread limiter.
         self._store_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"store-limiter-{id(self)}")
         self._finish_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"finish-limiter-{id(self)}")
@@ -103,10 +120,30 @@ class IdempotencyMiddleware:
                 await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if not self.engine.covers(scope["method"], path):
+        engine: IdempotencyEngine | None = self.engine
+        table = self.routes.table
+        if table is not None:  # some route is decorated: one regex match says which engine
+            engine = table.engine_for(scope["method"], path)
+        if engine is None or not engine.covers(scope["method"], path):
             await self.app(scope, receive, send)
             return
-        await IdempotentExchange(self, scope, receive, send, path).run()
+        await IdempotentExchange(self, scope, receive, send, path, engine).run()
+
+    def resolve_routes(self) -> None:
+        """Read the app's routes and check their ``@idempotent`` options now (the lifespan
+        startup does; without a lifespan, the first request would).
+
+        Raises :class:`ValueError` (or :class:`TypeError`) naming the route and the field.
+        """
+        self.routes.resolve()
+
+    def routes_error(self) -> ValueError | TypeError | None:
+        """What is wrong with the ``@idempotent`` options of the app's routes, or ``None``."""
+        try:
+            self.resolve_routes()
+        except (ValueError, TypeError) as exc:
+            return exc
+        return None
 
     async def store_problem(self) -> str | None:
         """Why the persistence layer cannot serve requests, or ``None`` when it can."""
@@ -135,11 +172,16 @@ class LifespanCheck:
         self.server_send = send
         self.problem: str | None = None
         self.reported = False
+        self.error: Exception | None = None  # invalid per-route options, raised at the end
 
     async def run(self, scope: Scope) -> None:
         await self.middleware.app(scope, self.receive, self.send)
         if self.problem is not None and not self.reported:  # the app ended without shutting down
             await self.report()
+        if self.error is not None:
+            # Raised after the report, as Starlette's own lifespan does: a server has already
+            # heard, and Starlette's TestClient raises it from ``with TestClient(app)``.
+            raise self.error
 
     async def receive(self) -> Message:
         if self.problem is not None:
@@ -149,6 +191,11 @@ class LifespanCheck:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "lifespan.startup.complete":
+            # Per-route options are checked once the app's startup has run (it may add routes).
+            self.error = self.middleware.routes_error()
+            if self.error is not None:
+                self.problem = f"invalid per-route idempotency options: {self.error}"
+                return  # the app shuts down first (its next receive), then the server hears
             problem = await self.middleware.store_problem()
             if problem is not None:
                 if self.middleware.engine.config.on_store_error == "passthrough":
@@ -193,9 +240,10 @@ class IdempotentExchange:
         receive: Receive,
         send: Send,
         path: str,
+        engine: IdempotencyEngine,
     ) -> None:
         self.middleware = middleware
-        self.engine = middleware.engine
+        self.engine = engine
         self.app = middleware.app
         self.scope = scope
         self.path = path
@@ -204,6 +252,7 @@ class IdempotentExchange:
         self.body = b""
         self.body_delivered = False
         self.attempt: Proceed | None = None
+        self.keeper: AsyncLeaseKeeper | None = None
         self.start_message: Message | None = None
         self.copy = self.engine.sizes.response_copy()  # the body the app sent, for the record
         self.held: list[bytes] = []  # body the client must not get before the record
@@ -243,6 +292,10 @@ class IdempotentExchange:
                 decision = await self.store_call(self.engine.claim, decision)
         else:
             decision = self.engine.begin(request)  # no I/O: nothing to move off the loop
+        if isinstance(decision, Conflict):  # conflict_wait_seconds: wait for the answer
+            decision = await wait_for_answer_async(
+                self.engine, decision, store_call=self.store_call
+            )
         if isinstance(decision, Respond):
             await self.send_stored(decision.response)
         elif isinstance(decision, PassThrough):
@@ -286,6 +339,10 @@ class IdempotentExchange:
 
     async def run_app(self, attempt: Proceed) -> None:
         self.attempt = attempt
+        # The handler's view of its request: request.state.idempotency (Starlette, FastAPI).
+        self.scope.setdefault("state", {})[STATE_NAME] = IdempotencyState(
+            attempt.lease.idempotency_key
+        )
         extensions = self.scope.get("extensions")
         scope = self.scope
         if extensions and any(name in extensions for name in _UNCAPTURABLE_EXTENSIONS):
@@ -296,7 +353,9 @@ class IdempotentExchange:
                 if name not in _UNCAPTURABLE_EXTENSIONS
             }
         try:
-            await self.app(scope, self.receive_buffered, self.capture)
+            self.keeper = AsyncLeaseKeeper(self.engine, attempt, store_call=self.finish_lane)
+            async with self.keeper:
+                await self.app(scope, self.receive_buffered, self.capture)
         except BaseException:
             if not self.finished:
                 with anyio.CancelScope(shield=True):
@@ -423,14 +482,20 @@ class IdempotentExchange:
         return function(*args)
 
     async def finish_call(self, function: Callable[..., None], *args: Any) -> None:
-        """Run a completion or a release, off the event loop when the store blocks, in a lane of
-        their own: a request that is done never queues behind new claims for a store thread.
+        """Run a completion or a release, after the lease keeper has stopped (so it writes under
+        the last renewed lease), off the event loop when the store blocks, in a lane of their
+        own: a request that is done never queues behind new claims for a store thread.
         """
+        if self.keeper is not None:
+            await self.keeper.stop()
+        await self.finish_lane(function, *args)
+
+    async def finish_lane(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a store call of a request in flight (completion, release, lease renewal)."""
         if self.engine.store_blocks:
             limiter = self.middleware.finish_limiter()
-            await anyio.to_thread.run_sync(function, *args, limiter=limiter)
-        else:
-            function(*args)
+            return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+        return function(*args)
 
 
 def _declared_length(start_message: Message | None) -> int | None:

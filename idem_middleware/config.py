@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from idem_middleware.routes import translate
 if TYPE_CHECKING:
     from idem_middleware.engine import IdempotencyEvent
     from idem_middleware.request import IdempotencyRequest
+    from idem_middleware.responses import StoredResponse
 
 KeySource = Literal["header", "body", "header_or_body"]
 StoreErrorPolicy = Literal["reject", "passthrough"]
@@ -47,7 +49,7 @@ DEFAULT_REPLAY_EXCLUDED_HEADERS = frozenset(
 #: released like a 5xx, never stored, so the client's retry after its Retry-After runs the handler.
 DEFAULT_TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _KEY_SOURCES = ("header", "body", "header_or_body")
 _STORE_ERROR_POLICIES = ("reject", "passthrough")
 # Algorithms whose digest length must be chosen by the caller cannot name a stable key.
@@ -59,11 +61,16 @@ class IdempotencyConfig:
     """How requests are selected, keyed, fingerprinted, stored and replayed.
 
     The defaults are the safe common case: POST and PATCH on every path, key from the
-    ``Idempotency-Key`` header, completed responses replayed for 24 hours, a 60 second lease on
-    in-flight requests. ``include_paths`` and ``exclude_paths`` take globs and route templates
+    ``Idempotency-Key`` header, completed responses replayed for 24 hours, a 10 second lease on
+    in-flight requests that the middleware renews while the handler runs (so a handler may run
+    longer, and a crashed worker's key runs again within 10 s), a 409 at once for a duplicate of
+    an in-flight request (``conflict_wait_seconds`` lets it wait for the replay instead).
+    ``include_paths`` and ``exclude_paths`` take globs and route templates
     (:mod:`idem_middleware.routes`). Set ``scope`` whenever clients are not all the same
     principal: without it, a client that sends another client's key gets that client's stored
-    response.
+    response. ``response_hook(response, request)`` may adjust each replay before it is sent (a
+    header, a redacted field); if it fails, the replay goes out as stored.
+    Routes marked ``@idempotent`` get a copy with their own options (``dataclasses.replace``).
     """
 
     header_name: str = "Idempotency-Key"
@@ -75,7 +82,8 @@ class IdempotencyConfig:
     event_key_jmespath: str | None = None
     payload_validation_jmespath: str | None = None
     expires_after_seconds: int = 86_400
-    in_progress_expires_after_seconds: int = 60
+    in_progress_expires_after_seconds: int = 10
+    conflict_wait_seconds: float = 0
     use_local_cache: bool = False
     local_cache_max_items: int = 1024
     hash_function: str = "sha256"
@@ -89,6 +97,9 @@ class IdempotencyConfig:
     max_stored_response_bytes: int | None = None
     on_store_error: StoreErrorPolicy = "reject"
     on_event: Callable[[IdempotencyEvent], None] | None = field(default=None, compare=False)
+    response_hook: Callable[[StoredResponse, IdempotencyRequest], StoredResponse] | None = field(
+        default=None, compare=False
+    )
 
     def __post_init__(self) -> None:
         # Accept any iterable for the collection fields, but store immutable, normalised values
@@ -115,6 +126,10 @@ class IdempotencyConfig:
         _require(_is_token(self.header_name), "header_name", "must be an HTTP field name")
         _require(_is_token(self.replay_header), "replay_header", "must be an HTTP field name")
         _require(self.key_source in _KEY_SOURCES, "key_source", f"must be one of {_KEY_SOURCES}")
+        for flag in ("require_key", "use_local_cache", "store_server_errors"):
+            # A truthy string read from the environment ("false") must not turn an option on.
+            value = getattr(self, flag)
+            _require(isinstance(value, bool), flag, f"must be True or False, got {value!r}")
         _require(bool(self.methods), "methods", "must name at least one method")
         for method in self.methods:
             _require(
@@ -159,6 +174,20 @@ class IdempotencyConfig:
             f"({self.in_progress_expires_after_seconds}): a record must outlive its lease, or a "
             "live request's key is taken over",
         )
+        _require(
+            isinstance(self.conflict_wait_seconds, int | float)
+            and not isinstance(self.conflict_wait_seconds, bool)
+            and math.isfinite(self.conflict_wait_seconds)
+            and self.conflict_wait_seconds >= 0,
+            "conflict_wait_seconds",
+            f"must be a non-negative number of seconds, got {self.conflict_wait_seconds!r}",
+        )
+        _require(
+            self.conflict_wait_seconds < self.expires_after_seconds,
+            "conflict_wait_seconds",
+            f"{self.conflict_wait_seconds} is not below expires_after_seconds "
+            f"({self.expires_after_seconds}): the answer a duplicate waits for would expire first",
+        )
         _require_positive_int(self.local_cache_max_items, "local_cache_max_items")
         _require_positive_int(self.max_request_body_bytes, "max_request_body_bytes")
         if self.max_stored_response_bytes is not None:
@@ -171,7 +200,9 @@ class IdempotencyConfig:
         )
         if self.key_prefix is not None:
             _require(
-                bool(self.key_prefix) and "#" not in self.key_prefix,
+                isinstance(self.key_prefix, str)
+                and bool(self.key_prefix)
+                and "#" not in self.key_prefix,
                 "key_prefix",
                 "must be a non-empty string without '#'",
             )
@@ -183,6 +214,11 @@ class IdempotencyConfig:
             )
         _require(self.scope is None or callable(self.scope), "scope", "must be callable")
         _require(self.on_event is None or callable(self.on_event), "on_event", "must be callable")
+        _require(
+            self.response_hook is None or callable(self.response_hook),
+            "response_hook",
+            "must be callable: (StoredResponse, IdempotencyRequest) -> StoredResponse",
+        )
         _require(
             self.on_store_error in _STORE_ERROR_POLICIES,
             "on_store_error",
@@ -201,7 +237,8 @@ def _members(value: object, name: str) -> list[object]:
 
 
 def _is_token(value: object) -> bool:
-    return isinstance(value, str) and bool(_TOKEN.match(value))
+    # fullmatch: "$" would let a final newline through ("Idempotency-Key\n").
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
 
 
 def _require(condition: bool, name: str, message: str) -> None:

@@ -7,10 +7,15 @@ gets one of three decisions:
   under ``on_store_error="passthrough"``);
 * :class:`Respond` - send this response and do not run the app (a replay or a problem);
 * :class:`Proceed` - this request holds the key: run the app, then ``complete`` with its
-  response *before* sending it, or ``release`` if it failed.
+  response *before* sending it, or ``release`` if it failed. While the app runs, ``renew`` keeps
+  the lease (:mod:`idem_middleware.lease` calls it every third of a lease).
 
 ``begin`` is ``prepare`` (pure computation and the local cache) followed by ``claim`` (one store
 call), so an async adapter can run only the store call in a worker thread.
+
+With ``conflict_wait_seconds``, a duplicate of an in-flight request gets a :class:`Conflict`: a
+:class:`Respond` carrying the 409 to send at once, which an adapter may instead turn into a wait,
+sleeping ``conflict.delay`` between calls to ``poll`` until it returns the final decision.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,7 +113,28 @@ class PendingClaim:
     payload_hash: str
 
 
+@dataclass(slots=True)
+class Conflict(Respond):
+    """A duplicate of a request still in flight, with ``conflict_wait_seconds`` above 0.
+
+    ``response`` is the 409 to send now; an adapter that waits instead sleeps ``delay`` seconds
+    (without holding the event loop), then calls :meth:`IdempotencyEngine.poll`, until ``poll``
+    returns the decision to act on. The wait holds no lease, so abandoning it (the client went
+    away) needs no clean-up.
+    """
+
+    pending: PendingClaim
+    #: When the wait ends, on the engine's ``monotonic`` clock.
+    deadline: float
+    #: How long to sleep before the next ``poll``; ``poll`` lengthens it (backoff).
+    delay: float
+
+
 Decision = PassThrough | Respond | Proceed
+
+#: The first pause of a waiting duplicate; each poll doubles it, up to the longest pause.
+FIRST_POLL_DELAY_SECONDS = 0.05
+LONGEST_POLL_DELAY_SECONDS = 0.5
 
 PASS_THROUGH = PassThrough()
 
@@ -116,7 +143,11 @@ class IdempotencyEngine:
     """Decides, for one config and one persistence layer, what happens to each request."""
 
     def __init__(
-        self, persistence_layer: BasePersistenceLayer, config: IdempotencyConfig | None = None
+        self,
+        persistence_layer: BasePersistenceLayer,
+        config: IdempotencyConfig | None = None,
+        *,
+        configure_layer: bool = True,
     ) -> None:
         if not isinstance(persistence_layer, BasePersistenceLayer):
             hint = " (a class: pass an instance)" if isinstance(persistence_layer, type) else ""
@@ -124,9 +155,17 @@ class IdempotencyEngine:
                 "persistence_layer: expected a BasePersistenceLayer instance such as "
                 f"InMemoryPersistenceLayer(), got {persistence_layer!r}{hint}"
             )
+        if config is not None and not isinstance(config, IdempotencyConfig):
+            raise TypeError(
+                "config: expected an IdempotencyConfig instance such as "
+                f"IdempotencyConfig(require_key=True), got {config!r}"
+            )
         self.config = config or IdempotencyConfig()
         self.persistence_layer = persistence_layer
-        persistence_layer.configure(self.config)
+        if configure_layer:
+            persistence_layer.configure(self.config)
+        #: A route's own record lifetime, when it is not the layer's (``for_route``).
+        self._expires_after_seconds: int | None = None
         self.keys = KeyDeriver(self.config)
         #: Whether store calls block; an async adapter runs ``claim``, ``complete`` and
         #: ``release`` in a worker thread when they do.
@@ -138,8 +177,22 @@ class IdempotencyEngine:
         self._exclude = _compile_globs(self.config.exclude_paths or None)
         self._excluded_headers = self.config.replay_excluded_headers
         self._transient_statuses = self.config.transient_statuses
-        if self.config.scope is None:
+        #: Source of monotonic time for conflict waits; tests replace it to move time.
+        self.monotonic: Callable[[], float] = time.monotonic
+        if self.config.scope is None and configure_layer:
             _warn_unscoped(self.config)
+
+    def for_route(self, config: IdempotencyConfig) -> IdempotencyEngine:
+        """An engine for one route's config (``@idempotent``), on this engine's persistence
+        layer. The layer stays configured with this engine's config: a route may change what
+        the engine decides (keys, fingerprints, coverage, replays) and its records' lifetime,
+        which is passed with each completion, but not what the layer owns (key prefix, hash,
+        lease, local cache).
+        """
+        engine = IdempotencyEngine(self.persistence_layer, config, configure_layer=False)
+        if config.expires_after_seconds != self.persistence_layer.config.expires_after_seconds:
+            engine._expires_after_seconds = config.expires_after_seconds
+        return engine
 
     # Selection ----------------------------------------------------------------------------
 
@@ -209,48 +262,158 @@ class IdempotencyEngine:
             payload_hash = self.keys.fingerprint(request)
         except IdempotencyHTTPError as error:
             return self._reject(request, error)
-        scope = self.config.scope(request) if self.config.scope is not None else None
+        scope = self._scope_of(request) if self.config.scope is not None else None
         key = self.persistence_layer.build_idempotency_key(material, scope)
         cached = self.persistence_layer.get_cached_record(key)
         if cached is not None:
             return self._answer_existing(request, cached, payload_hash)
         return PendingClaim(request, key, payload_hash)
 
+    def _scope_of(self, request: IdempotencyRequest) -> str:
+        assert self.config.scope is not None
+        scope = self.config.scope(request)
+        if not isinstance(scope, str):
+            # None would silently share records between principals; say which callable is wrong.
+            raise TypeError(
+                f"IdempotencyConfig.scope must return a str, got {type(scope).__name__} {scope!r}"
+            )
+        return scope
+
     def claim(self, pending: PendingClaim) -> Decision:
         """Claim the key with one atomic store call; a collision is answered from the record
-        that call returned.
+        that call returned. A duplicate of an in-flight request is a 409 or, with
+        ``conflict_wait_seconds``, a :class:`Conflict` the adapter may wait on.
         """
+        outcome = self._claim(pending, waiting=False)
+        if outcome is not None:
+            return outcome
+        wait = self.config.conflict_wait_seconds
+        return Conflict(
+            self._in_use_response(),
+            pending,
+            deadline=self.monotonic() + wait,
+            delay=min(FIRST_POLL_DELAY_SECONDS, wait),
+        )
+
+    def _claim(self, pending: PendingClaim, *, waiting: bool) -> Decision | None:
+        """The claim; ``None`` when the key is held by a live request and the duplicate may
+        wait (a waiting duplicate, or ``conflict_wait_seconds`` above 0).
+        """
+        try:
+            return self._claim_or_raise(pending, waiting=waiting)
+        except IdempotencyPersistenceLayerError as error:
+            return self._store_unavailable(pending.request, error, pending.idempotency_key)
+
+    def _claim_or_raise(self, pending: PendingClaim, *, waiting: bool) -> Decision | None:
         request = pending.request
         layer = self.persistence_layer
+        # Two attempts: the record that beat us may expire between its write and our read.
+        for _ in range(2):
+            try:
+                lease = layer.save_inprogress(pending.idempotency_key, pending.payload_hash)
+            except IdempotencyItemAlreadyExistsError as exc:
+                existing = exc.old_data_record
+                if existing is None:
+                    try:
+                        existing = layer.get_record(pending.idempotency_key)
+                    except IdempotencyItemNotFoundError:
+                        continue
+                status = existing.current_status(layer.clock())
+                if status == STATUS_INPROGRESS and (
+                    waiting or self.config.conflict_wait_seconds > 0
+                ):
+                    return self._unless_mismatch(request, existing, pending.payload_hash)
+                if status in (STATUS_COMPLETED, STATUS_INPROGRESS):
+                    return self._answer_existing(request, existing, pending.payload_hash)
+            else:
+                self._emit("claimed", request.method, request.path, lease.idempotency_key)
+                return Proceed(request, lease)
+        if waiting:
+            return None
+        return self._reject(
+            request,
+            IdempotencyAlreadyInProgressError(
+                "another request with this idempotency key is being processed"
+            ),
+            pending.idempotency_key,
+        )
+
+    def _unless_mismatch(
+        self, request: IdempotencyRequest, record: DataRecord, payload_hash: str
+    ) -> Respond | None:
+        """The 422 when ``record`` was made by another payload; ``None`` (keep waiting) else."""
         try:
-            # Two attempts: the record that beat us may expire between its write and our read.
-            for _ in range(2):
-                try:
-                    lease = layer.save_inprogress(pending.idempotency_key, pending.payload_hash)
-                except IdempotencyItemAlreadyExistsError as exc:
-                    existing = exc.old_data_record
-                    if existing is None:
-                        try:
-                            existing = layer.get_record(pending.idempotency_key)
-                        except IdempotencyItemNotFoundError:
-                            continue
-                    if existing.current_status(layer.clock()) in (
-                        STATUS_COMPLETED,
-                        STATUS_INPROGRESS,
-                    ):
-                        return self._answer_existing(request, existing, pending.payload_hash)
-                else:
-                    self._emit("claimed", request.method, request.path, lease.idempotency_key)
-                    return Proceed(request, lease)
-            return self._reject(
-                request,
-                IdempotencyAlreadyInProgressError(
-                    "another request with this idempotency key is being processed"
-                ),
-                pending.idempotency_key,
-            )
+            self.persistence_layer.validate_payload(record, payload_hash)
+        except IdempotencyPayloadMismatchError:
+            return self._key_reused(request, record.idempotency_key)
+        return None
+
+    def poll(self, conflict: Conflict) -> Decision | None:
+        """One look at the record a waiting duplicate waits for (one store read, plus a claim
+        when the key has come free); ``None`` while it is still in flight and the wait has not
+        run out: sleep ``conflict.delay``, then poll again.
+
+        The decision is a replay once the first request completed; a :class:`Proceed` when it
+        released the key (it failed) or its lease ran out (it crashed), through the same atomic
+        claim as any request, so at most one waiter runs the handler; a 422 when the key was
+        meanwhile used with another payload; the 409 once the wait is over, or when the store
+        fails meanwhile (the request is known to be a duplicate: never run it un-deduplicated).
+        """
+        pending = conflict.pending
+        request = pending.request
+        layer = self.persistence_layer
+        outcome: Decision | None
+        try:
+            try:
+                record: DataRecord | None = layer.get_record(pending.idempotency_key)
+            except IdempotencyItemNotFoundError:
+                record = None
+            if record is None or not record.blocks_claim(layer.clock()):
+                outcome = self._claim_or_raise(pending, waiting=True)
+            elif record.status == STATUS_INPROGRESS:
+                outcome = self._unless_mismatch(request, record, pending.payload_hash)
+            else:
+                outcome = self._answer_existing(request, record, pending.payload_hash)
         except IdempotencyPersistenceLayerError as error:
-            return self._store_unavailable(request, error, pending.idempotency_key)
+            self._emit(
+                "store_error",
+                request.method,
+                request.path,
+                pending.idempotency_key,
+                status=IdempotencyAlreadyInProgressError.status,
+                detail=f"stopped waiting for the request in flight: {error}",
+                level=logging.WARNING,
+            )
+            return self._conflict(conflict)
+        if outcome is not None:
+            return outcome
+        remaining = conflict.deadline - self.monotonic()
+        if remaining <= 0:
+            return self._conflict(conflict)
+        conflict.delay = min(conflict.delay * 2, LONGEST_POLL_DELAY_SECONDS, remaining)
+        return None
+
+    def _conflict(self, conflict: Conflict) -> Respond:
+        """The 409 a duplicate gets once it stops waiting."""
+        request = conflict.pending.request
+        self._emit(
+            "conflict",
+            request.method,
+            request.path,
+            conflict.pending.idempotency_key,
+            status=IdempotencyAlreadyInProgressError.status,
+            detail=IdempotencyAlreadyInProgressError.code,
+        )
+        return Respond(conflict.response)
+
+    @staticmethod
+    def _in_use_response() -> StoredResponse:
+        return problem_response(
+            IdempotencyAlreadyInProgressError(
+                "a request with this idempotency key is still being processed; "
+                "retry after it completes"
+            )
+        )
 
     def _answer_existing(
         self, request: IdempotencyRequest, record: DataRecord, payload_hash: str
@@ -259,11 +422,7 @@ class IdempotencyEngine:
         try:
             self.persistence_layer.validate_payload(record, payload_hash)
         except IdempotencyPayloadMismatchError:
-            reused = IdempotencyValidationError(
-                "this idempotency key was already used with a different request "
-                "(method, path, query or body)"
-            )
-            return self._reject(request, reused, key, event="mismatch")
+            return self._key_reused(request, key)
         if record.status == STATUS_INPROGRESS:
             return self._reject(
                 request,
@@ -286,7 +445,60 @@ class IdempotencyEngine:
                 request, IdempotencyPersistenceLayerError("the stored record has no response"), key
             )
         self._emit("replayed", request.method, request.path, key, status=stored.status)
-        return Respond(stored.for_replay(self.config.replay_header))
+        replay = stored.for_replay(self.config.replay_header)
+        if self.config.response_hook is not None:
+            replay = self._hooked(replay, request)
+        return Respond(replay)
+
+    def _hooked(self, replay: StoredResponse, request: IdempotencyRequest) -> StoredResponse:
+        """The replay as ``response_hook`` adjusts it; the replay as stored when the hook fails:
+        a broken hook must not turn a replay into a 500 (or a second execution).
+        """
+        assert self.config.response_hook is not None
+        try:
+            hooked = self.config.response_hook(replay, request)
+            if not isinstance(hooked, StoredResponse):
+                raise TypeError(f"returned {type(hooked).__name__}, not a StoredResponse")
+            return hooked.with_content_length()
+        except Exception:
+            logger.exception(
+                "idempotency response_hook failed on %s %s; the stored replay is sent unchanged",
+                request.method,
+                request.path,
+            )
+            return replay
+
+    # While the app runs -------------------------------------------------------------------
+
+    def renew(self, attempt: Proceed) -> bool:
+        """Renew the attempt's lease (one fenced store call) and keep the renewed lease in
+        ``attempt.lease``, which ``complete`` and ``release`` then write under. Never raises.
+
+        ``False`` once the lease is lost (another request took the key over): renewing again
+        cannot help. A store error keeps the lease as it was and returns ``True``: the next
+        renewal may succeed before the lease runs out.
+        """
+        request = attempt.request
+        try:
+            attempt.lease = self.persistence_layer.renew_lease(attempt.lease)
+        except IdempotencyLeaseLostError:
+            self._lease_lost(attempt)
+            return False
+        except IdempotencyPersistenceLayerError as error:
+            self._emit(
+                "store_error",
+                request.method,
+                request.path,
+                attempt.lease.idempotency_key,
+                detail=f"lease not renewed: {error}; " + self._lease_left(attempt.lease),
+                level=logging.WARNING,
+            )
+        return True
+
+    def _lease_left(self, lease: DataRecord) -> str:
+        expiry_ms = lease.in_progress_expiry_timestamp or 0
+        remaining = max(0.0, expiry_ms / 1000 - self.persistence_layer.clock())
+        return f"it runs out in {remaining:.1f} s unless a later renewal succeeds"
 
     # Finish -------------------------------------------------------------------------------
 
@@ -308,7 +520,9 @@ class IdempotencyEngine:
         request = attempt.request
         kept = self._kept(response)
         try:
-            self.persistence_layer.save_success(attempt.lease, kept)
+            self.persistence_layer.save_success(
+                attempt.lease, kept, expires_after_seconds=self._expires_after_seconds
+            )
         except IdempotencyLeaseLostError:
             self._lease_lost(attempt)
         except IdempotencyPersistenceLayerError as error:
@@ -408,6 +622,13 @@ class IdempotencyEngine:
     ) -> Respond:
         self._emit(event, method, path, key, status=error.status, detail=error.code)
         return Respond(problem_response(error))
+
+    def _key_reused(self, request: IdempotencyRequest, key: str) -> Respond:
+        reused = IdempotencyValidationError(
+            "this idempotency key was already used with a different request "
+            "(method, path, query or body)"
+        )
+        return self._reject(request, reused, key, event="mismatch")
 
     def _store_unavailable(
         self, request: IdempotencyRequest, error: IdempotencyPersistenceLayerError, key: str | None

@@ -40,7 +40,9 @@ def parse_key(values: list[str]) -> str:
 
     The field is an RFC 9651 sf-string (``"abc"``); bare values such as UUIDs are not valid
     sf-items, so a bare value is accepted as a lenient extension and names the same key as its
-    quoted form. Parameters on the item are ignored, as RFC 9651 asks of unknown parameters.
+    quoted form. Parameters on a quoted item are ignored, as RFC 9651 asks of unknown
+    parameters; a bare value is the key whole, ";" included: cutting it there would make
+    ``order;1`` and ``order;2`` one key, and replay one request's answer to the other.
     """
     if len(values) != 1:
         raise IdempotencyKeyInvalidError("the Idempotency-Key header must appear exactly once")
@@ -59,7 +61,7 @@ def parse_key(values: list[str]) -> str:
         if not isinstance(key, str):  # pragma: no cover - a leading quote always parses as a string
             raise IdempotencyKeyInvalidError("the Idempotency-Key header must be a string")
     else:
-        key = value.partition(";")[0]
+        key = value
         if not _is_bare_key(key):
             raise IdempotencyKeyInvalidError(
                 "an unquoted Idempotency-Key must be printable ASCII without spaces, "
@@ -90,9 +92,9 @@ def _is_bare_key(key: str) -> bool:
     return _BARE_KEY.fullmatch(key) is not None
 
 
-# A bare key of 1 to 255 characters without parameters (no ";"), blanks around it allowed: the
-# value parse_key accepts as it is, decided by one match.
-_PLAIN_BARE_KEY = re.compile(r"[ \t]*([\x21\x23-\x2b\x2d-\x3a\x3c-\x7e]{1,255})[ \t]*")
+# A bare key of 1 to 255 characters, blanks around it allowed: the value parse_key accepts as
+# it is, decided by one match.
+_PLAIN_BARE_KEY = re.compile(r"[ \t]*([\x21\x23-\x2b\x2d-\x7e]{1,255})[ \t]*")
 
 
 class KeyDeriver:
@@ -110,10 +112,10 @@ class KeyDeriver:
     def key_material(self, request: IdempotencyRequest) -> str | None:
         """What names this request's record, or ``None`` when the request carries no key.
 
-        A body-derived key is scoped to the method and route path, as Powertools scopes keys to
-        the function: the same body sent to two routes is two operations. A selection that is
-        null, an empty string, or a list or object of nulls only is no key (as in Powertools),
-        so requests lacking the selected fields never share one record.
+        A body-derived key is scoped to the method, route path and query, as Powertools scopes
+        keys to the function: the same body sent to two routes is two operations. A selection
+        that is null, an empty string, or a list or object of nulls only is no key (as in
+        Powertools), so requests lacking the selected fields never share one record.
 
         Raises :class:`IdempotencyKeyInvalidError` for a malformed header and
         :class:`IdempotencyKeyError` when a JMESPath is configured and the body is not JSON or
@@ -139,6 +141,12 @@ class KeyDeriver:
         path = request.path.encode("utf-8", "surrogateescape")
         digest = self._hash(b"\0".join((method, path, b"")))
         digest.update(content)
+        if request.query_string:
+            # The fingerprint covers the query, so two requests that differ in it are two
+            # operations: one key would answer the second with a 422 it has no key to change.
+            # Appended after the fixed-length hex digest, it cannot be confused with a body, and
+            # keys of requests without a query stay as they were.
+            return f"body:{digest.hexdigest()}?{request.query_string}"
         return "body:" + digest.hexdigest()
 
     def fingerprint(self, request: IdempotencyRequest) -> str:

@@ -5,8 +5,9 @@ A middleware is invisible to FastAPI's schema generator, so one explicit call do
     app.add_middleware(IdempotencyMiddleware, persistence_layer=layer, config=config)
     document_idempotency(app, config)
 
-Every operation the config covers (its ``methods``, ``include_paths`` and ``exclude_paths``)
-then shows the ``Idempotency-Key`` header parameter (required when ``require_key``), the
+Every operation the middleware covers (the config's ``methods``, ``include_paths`` and
+``exclude_paths``, or an endpoint's ``@idempotent`` options, which win) then shows the
+``Idempotency-Key`` header parameter (required when the operation's ``require_key`` is), the
 ``Idempotent-Replayed`` response header, and the 400 / 409 / 413 / 422 / 503 answers with an
 RFC 9457 ``application/problem+json`` schema. Under 422 the package's problem and FastAPI's own
 validation error stay apart: each keeps its media type (``application/problem+json`` and
@@ -21,15 +22,21 @@ OpenAPI document (a Starlette ``SchemaGenerator``'s, a hand-written one).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from idem_middleware.config import IdempotencyConfig
+from idem_middleware.config import HTTP_METHODS, IdempotencyConfig
 from idem_middleware.exceptions import IdempotencyHTTPError
 from idem_middleware.responses import PROBLEM_CONTENT_TYPE
+from idem_middleware.route_table import discover_endpoints, route_config
 from idem_middleware.routes import compile_paths
 
-__all__ = ["PROBLEM_SCHEMA_NAME", "add_idempotency_to_openapi", "document_idempotency"]
+__all__ = [
+    "PROBLEM_SCHEMA_NAME",
+    "add_idempotency_to_openapi",
+    "document_idempotency",
+    "route_configs",
+]
 
 PROBLEM_SCHEMA_NAME = "IdempotencyProblem"
 _SCHEMA_REF = f"#/components/schemas/{PROBLEM_SCHEMA_NAME}"
@@ -61,7 +68,7 @@ def document_idempotency(app: _OpenAPIApp, config: IdempotencyConfig | None = No
     def openapi() -> dict[str, Any]:
         document = generate()
         if not documented or documented[0] is not document:
-            add_idempotency_to_openapi(document, config)
+            add_idempotency_to_openapi(document, config, routes=route_configs(app, config))
             documented[:] = [document]
         return document
 
@@ -69,24 +76,62 @@ def document_idempotency(app: _OpenAPIApp, config: IdempotencyConfig | None = No
 
 
 def add_idempotency_to_openapi(
-    document: OpenAPIDocument, config: IdempotencyConfig | None = None
+    document: OpenAPIDocument,
+    config: IdempotencyConfig | None = None,
+    *,
+    routes: Mapping[tuple[str, str], IdempotencyConfig | None] | None = None,
 ) -> OpenAPIDocument:
     """Extend ``document`` in place (and return it) with what the middleware adds to each
     operation ``config`` covers. Applying it twice changes nothing more.
+
+    ``routes`` (see :func:`route_configs`) gives the operations of ``@idempotent`` routes, by
+    OpenAPI path and lower-case method: their own config, or ``None`` for one not covered.
     """
     config = config or IdempotencyConfig()
+    routes = routes or {}
     covered = False
     for path, item in document.get("paths", {}).items():
         for method in _OPERATION_METHODS:
             operation = item.get(method)
-            if operation is None or not covers(config, method, _sample_path(path, item, method)):
+            if operation is None:
+                continue
+            if (path, method) in routes:
+                operation_config = routes[path, method]
+                if operation_config is None:
+                    continue
+            elif covers(config, method, _sample_path(path, item, method)):
+                operation_config = config
+            else:
                 continue
             covered = True
-            _document_operation(operation, config)
+            _document_operation(operation, operation_config)
     if covered:
         components = document.setdefault("components", {})
         components.setdefault("schemas", {})[PROBLEM_SCHEMA_NAME] = _problem_schema()
     return document
+
+
+def route_configs(
+    app: object, config: IdempotencyConfig
+) -> dict[tuple[str, str], IdempotencyConfig | None]:
+    """The config of each operation of an ``@idempotent`` route of ``app``, by OpenAPI path and
+    lower-case method (``None``: not covered), as the middleware resolves them.
+
+    Raises :class:`ValueError` naming the route and the field when its options are invalid.
+    """
+    found: dict[tuple[str, str], IdempotencyConfig | None] = {}
+    for endpoint in discover_endpoints(app) or ():
+        if endpoint.endpoint is None:
+            continue
+        for method in sorted(endpoint.methods or HTTP_METHODS):
+            options = endpoint.options(method)
+            if options is not None:
+                # The first route of a path and method is the one the router serves.
+                found.setdefault(
+                    (endpoint.path, method.lower()),
+                    route_config(config, options, endpoint, method),
+                )
+    return found
 
 
 def covers(config: IdempotencyConfig, method: str, path: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,11 @@ if TYPE_CHECKING:
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 BODY_OMITTED_HEADER = "Idempotent-Body-Omitted"
+
+# What a server can send: a three-digit status, field names that are RFC 9110 tokens, values of
+# latin-1 text without CR, LF or NUL (which would split or cut the response).
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[^\r\n\x00\u0100-\U0010ffff]*")
 
 # Statuses that never carry content and must not be sent a Content-Length (RFC 9110 8.6).
 _BODILESS_STATUSES = frozenset({204, 304})
@@ -61,6 +67,22 @@ class StoredResponse:
             self.status, tuple(headers), self.body, self.body_omitted, self.reason
         )
 
+    def with_content_length(self) -> StoredResponse:
+        """This response with a Content-Length that matches its body (after a
+        ``response_hook`` changed the body); itself when it already does.
+        """
+        if self.status in _BODILESS_STATUSES or 100 <= self.status < 200:
+            return self
+        length = str(len(self.body))
+        lengths = [value for name, value in self.headers if name.lower() == "content-length"]
+        if lengths == [length]:
+            return self
+        headers = [header for header in self.headers if header[0].lower() != "content-length"]
+        headers.append(("content-length", length))
+        return StoredResponse(
+            self.status, tuple(headers), self.body, self.body_omitted, self.reason
+        )
+
     def encode(self) -> str:
         """Serialise to the JSON string kept in a record's ``data`` attribute.
 
@@ -88,15 +110,26 @@ class StoredResponse:
             else:
                 body = document.get("body", "").encode("utf-8")
             reason = document.get("reason")  # absent from records stored before it was kept
-            return cls(
+            response = cls(
                 status=int(document["status"]),
                 headers=tuple((str(name), str(value)) for name, value in document["headers"]),
                 body=body,
                 body_omitted=bool(document.get("body_omitted", False)),
                 reason=None if reason is None else str(reason),
             )
+            status = document["status"]
         except (KeyError, TypeError, AttributeError, binascii.Error, json.JSONDecodeError) as exc:
             raise ValueError(f"not a stored response: {exc}") from exc
+        # A corrupted or forged record must be a store error, not a 500 when the server refuses
+        # to send it, nor a split response replayed to a client.
+        if type(status) is not int or not 100 <= status <= 999:
+            raise ValueError(f"not a stored response: status {status!r}")
+        for name, value in response.headers:
+            if _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+                raise ValueError(f"not a stored response: header {name!r}")
+        if response.reason is not None and _FIELD_VALUE.fullmatch(response.reason) is None:
+            raise ValueError("not a stored response: reason phrase")
+        return response
 
 
 def problem_response(error: IdempotencyHTTPError) -> StoredResponse:

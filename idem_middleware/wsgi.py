@@ -14,6 +14,11 @@ chunk that completes a declared Content-Length waits for the record too, so a cl
 a complete response that was not recorded. Retries while it streams get 409, later ones the
 whole response. A stream the app breaks (an exception) releases the key; one the server stops
 early (the client went away) is recorded without its body, so it never runs twice.
+
+Routes marked ``@idempotent`` (Flask views) are found in the app's ``url_map`` on the first
+request (or at :meth:`IdempotencyWSGIMiddleware.resolve_routes`); a handler running under a
+claimed key finds an :class:`~idem_middleware.state.IdempotencyState` in
+``environ["idem_middleware.idempotency"]``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from idem_middleware.config import IdempotencyConfig
-from idem_middleware.engine import IdempotencyEngine, PassThrough, Proceed, Respond
+from idem_middleware.engine import Conflict, IdempotencyEngine, PassThrough, Proceed, Respond
+from idem_middleware.lease import LeaseKeeper, wait_for_answer
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
+from idem_middleware.route_table import RouteResolver
+from idem_middleware.state import ENVIRON_KEY, IdempotencyState
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -55,13 +63,28 @@ class IdempotencyWSGIMiddleware:
     ) -> None:
         self.app = app
         self.engine = IdempotencyEngine(persistence_layer, config)
+        #: The engines of ``@idempotent`` routes, found in the app's routes on the first
+        #: request (or at :meth:`resolve_routes`).
+        self.routes = RouteResolver(app, self.engine)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         path = _request_path(environ)
-        if not self.engine.covers(method, path):
+        engine: IdempotencyEngine | None = self.engine
+        table = self.routes.table
+        if table is not None:  # some route is decorated: one regex match says which engine
+            engine = table.engine_for(method, path)
+        if engine is None or not engine.covers(method, path):
             return self.app(environ, start_response)
-        return WSGIExchange(self.engine, self.app, environ, start_response, path).run()
+        return WSGIExchange(engine, self.app, environ, start_response, path).run()
+
+    def resolve_routes(self) -> None:
+        """Read the app's routes and check their ``@idempotent`` options now, rather than on the
+        first request: call it once the routes are registered (an app factory's end).
+
+        Raises :class:`ValueError` (or :class:`TypeError`) naming the route and the field.
+        """
+        self.routes.resolve()
 
 
 class WSGIExchange:
@@ -82,6 +105,7 @@ class WSGIExchange:
         self.method: str = environ["REQUEST_METHOD"]
         self.path = path
         self.attempt: Proceed | None = None
+        self.keeper: LeaseKeeper | None = None
         self.status_line: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.declared_length: int | None = None
@@ -114,6 +138,8 @@ class WSGIExchange:
             raw=self.environ,
         )
         decision = self.engine.begin(request)
+        if isinstance(decision, Conflict):  # conflict_wait_seconds: wait for the answer
+            decision = wait_for_answer(self.engine, decision)
         if isinstance(decision, Respond):
             return self.send_stored(decision.response)
         if isinstance(decision, PassThrough):
@@ -158,6 +184,9 @@ class WSGIExchange:
 
     def run_app(self, attempt: Proceed) -> Iterable[bytes]:
         self.attempt = attempt
+        # The handler's view of its request (flask.g.idempotency with the Flask extension).
+        self.environ[ENVIRON_KEY] = IdempotencyState(attempt.lease.idempotency_key)
+        self.keeper = LeaseKeeper(self.engine, attempt).start()
         try:
             iterable = self.iterable = self.app(self.environ, self.capture_start_response)
             # A list is produced already: streaming it would gain nothing.
@@ -264,14 +293,21 @@ class WSGIExchange:
             # Not stored (a 5xx by default): release now and let the response through.
             self.finished = self.passing = True
             self.copy.give_up()
+            self.stop_keeper()
             self.engine.release(self.attempt, status)
         self.server_write = self.start_response(self.status_line, self.headers)
+
+    def stop_keeper(self) -> None:
+        """Stop, then complete or release: the write goes under the last renewed lease."""
+        if self.keeper is not None:
+            self.keeper.stop()
 
     def complete(self) -> None:
         """Record the response (the engine releases a status that is not stored)."""
         if not self.finished:
             assert self.attempt is not None
             self.finished = True
+            self.stop_keeper()
             self.engine.complete(self.attempt, self.captured_response())
 
     def abandon(self) -> None:
@@ -285,6 +321,7 @@ class WSGIExchange:
         if not self.finished:
             assert self.attempt is not None
             self.finished = True
+            self.stop_keeper()
             self.engine.release(self.attempt)
 
     def close_app(self) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from idem_middleware import IdempotencyConfig
+from idem_middleware.persistence import InMemoryPersistenceLayer
 from idem_middleware.persistence.base import BasePersistenceLayer
 from tests.support.backends import backend_params
+from tests.support.harness import Harness
 from tooling import dynamodb_local, postgres_server, redis_server
 
 # Credentials for DynamoDB Local / moto; never real ones.
@@ -101,3 +104,19 @@ def persistence_layer(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     ``tests.support.backends.BACKENDS`` (test ids are the backend names).
     """
     return request.param.make(request)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["asgi", "wsgi"])
+def make(request: pytest.FixtureRequest) -> Callable[..., Harness]:
+    """Builds the harness app behind the middleware, once over ASGI and once over WSGI:
+    ``make(layer=None, **config)``.
+    """
+
+    def factory(layer: BasePersistenceLayer | None = None, **config: object) -> Harness:
+        return Harness(
+            request.param,
+            layer if layer is not None else InMemoryPersistenceLayer(),
+            IdempotencyConfig(**config),  # type: ignore[arg-type]
+        )
+
+    return factory

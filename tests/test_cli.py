@@ -3,6 +3,8 @@
 Commands run in-process through ``main(argv)`` (output captured by ``capsys``), plus one run of
 the installed console script. Records are written with the persistence layers the middleware
 uses, so ``inspect`` and ``delete`` are shown to find exactly the key the middleware stores.
+A store fault is printed as the one line of the layer's typed error, which names the store and
+the fix; the tests check that line holds both.
 """
 
 from __future__ import annotations
@@ -134,10 +136,11 @@ def test_create_table_twice(
     first = run(capsys, "create-table", *dynamodb_args(dynamodb_endpoint, new_table))
     second = run(capsys, "create-table", *dynamodb_args(dynamodb_endpoint, new_table))
 
+    table_named = f"DynamoDB table {new_table!r} (region {REGION}, {dynamodb_endpoint})"
     assert first[0] == 0, first
-    assert f"table {new_table!r} created" in first[1]
+    assert first[1].startswith(f"{table_named}: created; on-demand billing"), first[1]
     assert second[0] == 0, second
-    assert f"table {new_table!r} already existed" in second[1]
+    assert second[1].startswith(f"{table_named}: already existed;"), second[1]
     table = dynamodb_client.describe_table(TableName=new_table)["Table"]
     assert table["KeySchema"] == [{"AttributeName": "id", "KeyType": "HASH"}]
     assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
@@ -298,9 +301,13 @@ def test_store_by_url(
         run(capsys, "inspect", "k", "--url", f"sqlite:///{missing}"), "no SQLite file at"
     )
     assert not missing.exists()
-    closed = f"postgresql://app:s3cret@127.0.0.1:{free_port()}/idem"
+    port = free_port()
+    closed = f"postgresql://app:s3cret@127.0.0.1:{port}/idem"
     message = assert_one_line_error(
-        run(capsys, "inspect", "k", "--url", closed), "cannot use the store"
+        run(capsys, "inspect", "k", "--url", closed),
+        f"PostgreSQL database 'idem' at 127.0.0.1:{port}",
+        "Connection refused",
+        "that the server runs",  # the fix, after psycopg's two-line message: all on one line
     )
     assert "s3cret" not in message
     assert_one_line_error(
@@ -316,8 +323,9 @@ def test_missing_table_by_url(capsys: pytest.CaptureFixture[str], dynamodb_endpo
 
     assert_one_line_error(
         run(capsys, "inspect", "k", "--url", url),
-        f"DynamoDB table {table!r} not found",
-        f"idem-middleware create-table --table {table}",
+        f"on table {table!r} (region {REGION}, endpoint {dynamodb_endpoint})",
+        "ResourceNotFoundException",
+        "idem-middleware create-table --table",
     )
 
 
@@ -383,6 +391,138 @@ def test_inspect_and_delete_on_redis(capsys: pytest.CaptureFixture[str], redis_u
     assert_one_line_error(run(capsys, "delete", "order-1234", *store), "no record for this key")
 
 
+# PostgreSQL -------------------------------------------------------------------------------------
+
+
+def postgres_url(conninfo: str) -> str:
+    """The session database's conninfo (libpq key=value) as the URL an app gives from_url."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(conninfo)
+    host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")
+    return f"postgresql://{params.get('user', 'postgres')}@{host}:{port}/{params['dbname']}"
+
+
+def postgres_relation(conninfo: str, name: str) -> str | None:
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        row = connection.execute("SELECT to_regclass(%s)::text", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+@pytest.fixture
+def postgres_table(postgres_conninfo: str) -> Iterator[str]:
+    """A table name nothing uses yet in the session's database; dropped after the test."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"idem_cli_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(postgres_conninfo, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.mark.postgres
+def test_create_table_inspect_and_delete_on_postgres(
+    capsys: pytest.CaptureFixture[str], postgres_conninfo: str, postgres_table: str
+) -> None:
+    from idem_middleware.exceptions import IdempotencyItemNotFoundError
+    from idem_middleware.persistence.postgres import PostgresPersistenceLayer
+
+    table = ["--postgres-table", postgres_table]
+    store = ["--postgres-dsn", postgres_conninfo, *table]  # a libpq key=value string
+    first = run(capsys, "create-table", *store)
+    second = run(capsys, "create-table", *store)
+
+    named = f"PostgreSQL table {postgres_table} (database "
+    assert first[0] == 0, first
+    assert first[1].startswith(named), first
+    assert ": created; with its expiry index" in first[1], first
+    assert second[0] == 0, second
+    assert second[1].startswith(named), second
+    assert ": already existed;" in second[1], second
+    layer = PostgresPersistenceLayer(postgres_conninfo, table_name=postgres_table)
+    layer.configure(IdempotencyConfig())
+    try:
+        stored_key = complete(layer, "order-1234", "user:alice")
+
+        code, out, err = run(capsys, "inspect", "order-1234", *store, "--scope", "user:alice")
+        assert code == 0, err
+        assert_inspect_shows_the_record(out, stored_key)
+        assert f"store        {named}" in out
+
+        # The URL the app gives from_url names the same store.
+        url = ["--url", postgres_url(postgres_conninfo), *table, "--scope", "user:alice"]
+        code, out, err = run(capsys, "inspect", "order-1234", *url, "--json")
+        assert code == 0, err
+        assert json.loads(out)["stored_key"] == stored_key
+
+        code, out, err = run(capsys, "delete", "order-1234", *url)
+        assert code == 0, err
+        assert f"removed the record {stored_key} from {named}" in out
+        with pytest.raises(IdempotencyItemNotFoundError):
+            layer.get_record(stored_key)
+        assert_one_line_error(run(capsys, "delete", "order-1234", *url), "no record for this key")
+    finally:
+        layer.close()
+
+
+@pytest.mark.postgres
+def test_create_table_in_a_postgres_schema(
+    capsys: pytest.CaptureFixture[str], postgres_conninfo: str
+) -> None:
+    import psycopg
+
+    schema = f"idem_cli_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_conninfo, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    try:
+        code, out, err = run(
+            capsys,
+            "create-table",
+            "--url",
+            postgres_url(postgres_conninfo),
+            "--postgres-schema",
+            schema,
+        )
+
+        assert code == 0, err
+        assert out.startswith(f"PostgreSQL table {schema}.idempotency_records (database ")
+        assert postgres_relation(postgres_conninfo, f"{schema}.idempotency_records")
+    finally:
+        with psycopg.connect(postgres_conninfo, autocommit=True) as connection:
+            connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.mark.postgres
+def test_missing_postgres_table(capsys: pytest.CaptureFixture[str], postgres_conninfo: str) -> None:
+    table = f"idem_missing_{uuid.uuid4().hex[:8]}"
+    for command in ("inspect", "delete"):
+        line = assert_one_line_error(
+            run(
+                capsys, command, "k", "--postgres-dsn", postgres_conninfo, "--postgres-table", table
+            ),
+            f"table {table} does not exist in database ",
+            "create_table()",
+        )
+        assert line.startswith(f"idem-middleware {command}: error: ")
+    assert postgres_relation(postgres_conninfo, table) is None, "inspect must not create a table"
+
+
+def test_create_table_is_for_dynamodb_and_postgres(
+    capsys: pytest.CaptureFixture[str], sqlite_store: tuple[BasePersistenceLayer, Path]
+) -> None:
+    _, path = sqlite_store
+    for url in (f"sqlite:///{path}", "redis://localhost:6379/0", "memory://"):
+        assert_one_line_error(
+            run(capsys, "create-table", "--url", url), "takes --table NAME, --postgres-dsn DSN"
+        )
+    code, _, err = run(capsys, "create-table", "--sqlite-path", str(path))
+    assert code == 2, "create-table has no --sqlite-path"
+    assert "unrecognized arguments: --sqlite-path" in err
+
+
 # One-line errors --------------------------------------------------------------------------------
 
 
@@ -392,8 +532,9 @@ def test_missing_table(capsys: pytest.CaptureFixture[str], dynamodb_endpoint: st
     for command in ("inspect", "delete"):
         line = assert_one_line_error(
             run(capsys, command, "k", *dynamodb_args(dynamodb_endpoint, table)),
-            f"DynamoDB table {table!r} not found",
-            f"idem-middleware create-table --table {table}",
+            f"on table {table!r} (region {REGION}, endpoint {dynamodb_endpoint})",
+            "ResourceNotFoundException",
+            "idem-middleware create-table --table",
         )
         assert line.startswith(f"idem-middleware {command}: error: ")
 
@@ -405,7 +546,11 @@ def test_unreachable_dynamodb_endpoint(capsys: pytest.CaptureFixture[str]) -> No
         ["inspect", "k", *dynamodb_args(endpoint, "t")],
         ["delete", "k", *dynamodb_args(endpoint, "t")],
     ):
-        assert_one_line_error(run(capsys, *argv), f"cannot reach DynamoDB at {endpoint}")
+        assert_one_line_error(
+            run(capsys, *argv),
+            f"(region {REGION}, endpoint {endpoint}) failed: Could not connect",
+            "check the region, the endpoint URL",
+        )
 
 
 def test_no_aws_credentials(
@@ -421,7 +566,8 @@ def test_no_aws_credentials(
 
     assert_one_line_error(
         run(capsys, "create-table", *dynamodb_args(f"http://127.0.0.1:{free_port()}", "t")),
-        "no AWS credentials found",
+        "Unable to locate credentials",
+        "give this process AWS credentials",
     )
 
 
@@ -437,20 +583,39 @@ def test_no_aws_region(
 
 
 def test_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"
+    port = free_port()
     for command in ("inspect", "delete"):
         assert_one_line_error(
-            run(capsys, command, "k", "--redis-url", url), f"cannot reach Redis at {url}"
+            run(capsys, command, "k", "--redis-url", f"redis://127.0.0.1:{port}/0"),
+            f"Redis PING on 127.0.0.1:{port} failed",
+            "Connection refused",
+            "check that Redis is running",
         )
 
 
 def test_redis_password_stays_out_of_messages(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"redis://app:s3cret@127.0.0.1:{free_port()}/0"
+    port = free_port()
+    url = f"redis://app:s3cret@127.0.0.1:{port}/0"
 
-    line = assert_one_line_error(run(capsys, "inspect", "k", "--redis-url", url), "cannot reach")
+    line = assert_one_line_error(
+        run(capsys, "inspect", "k", "--redis-url", url), f"127.0.0.1:{port}", "Connection refused"
+    )
 
     assert "s3cret" not in line
-    assert "app:***@127.0.0.1" in line
+
+
+@pytest.mark.redis
+def test_redis_refuses_the_credentials(capsys: pytest.CaptureFixture[str], redis_url: str) -> None:
+    """The session's redis-server has no password: AUTH with one is refused, not unreachable."""
+    url = redis_url.replace("redis://", "redis://app:s3cret@", 1)
+
+    line = assert_one_line_error(
+        run(capsys, "delete", "k", "--redis-url", url),
+        "Redis PING on",
+        "set the username and password",
+    )
+
+    assert "s3cret" not in line
 
 
 def test_missing_key(
@@ -501,6 +666,10 @@ def test_store_must_be_named_once(capsys: pytest.CaptureFixture[str], tmp_path: 
         run(capsys, "inspect", "k", "--table", "t", "--redis-url", "redis://x"), "name one store"
     )
     assert_one_line_error(run(capsys, "inspect", "k", "--store", "sqlite"), "--sqlite-path")
+    assert_one_line_error(run(capsys, "inspect", "k", "--store", "postgres"), "--postgres-dsn DSN")
+    assert_one_line_error(
+        run(capsys, "create-table", "--table", "t", "--postgres-dsn", "host=db"), "name one store"
+    )
 
 
 def test_invalid_key(
@@ -516,9 +685,10 @@ def test_invalid_key(
 def test_missing_optional_dependencies(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "boto3", None)
-    monkeypatch.setitem(sys.modules, "redis", None)
-    monkeypatch.delitem(sys.modules, "idem_middleware.persistence.redis", raising=False)
+    for module in ("boto3", "redis", "psycopg"):
+        monkeypatch.setitem(sys.modules, module, None)
+    for backend in ("dynamodb", "redis", "postgres"):
+        monkeypatch.delitem(sys.modules, f"idem_middleware.persistence.{backend}", raising=False)
 
     assert_one_line_error(
         run(capsys, "create-table", "--table", "t"), "needs boto3", "idem-middleware[dynamodb]"
@@ -528,6 +698,12 @@ def test_missing_optional_dependencies(
         "needs redis-py",
         "idem-middleware[redis]",
     )
+    for dsn in ("postgresql://app@db/app", "host=db dbname=app"):
+        assert_one_line_error(
+            run(capsys, "inspect", "k", "--postgres-dsn", dsn),
+            "needs psycopg",
+            "idem-middleware[postgres]",
+        )
 
 
 def test_console_script(tmp_path: Path) -> None:

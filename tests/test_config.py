@@ -21,7 +21,8 @@ def test_defaults_match_the_design() -> None:
     assert config.event_key_jmespath is None
     assert config.payload_validation_jmespath is None
     assert config.expires_after_seconds == 86_400
-    assert config.in_progress_expires_after_seconds == 60
+    assert config.in_progress_expires_after_seconds == 10
+    assert config.conflict_wait_seconds == 0
     assert config.use_local_cache is False
     assert config.local_cache_max_items == 1024
     assert config.hash_function == "sha256"
@@ -68,6 +69,12 @@ def test_collections_are_normalised_to_immutable_values() -> None:
         ("expires_after_seconds", 1.5),
         ("expires_after_seconds", True),
         ("in_progress_expires_after_seconds", 0),
+        ("conflict_wait_seconds", -0.5),
+        ("conflict_wait_seconds", True),
+        ("conflict_wait_seconds", "5"),
+        ("conflict_wait_seconds", float("nan")),
+        ("conflict_wait_seconds", float("inf")),
+        ("conflict_wait_seconds", 86_400),
         ("local_cache_max_items", 0),
         ("max_request_body_bytes", 0),
         ("max_stored_response_bytes", -1),
@@ -110,5 +117,13 @@ def test_valid_alternatives_are_accepted() -> None:
         key_prefix="billing",
         scope=lambda request: "tenant",
         on_store_error="passthrough",
+        conflict_wait_seconds=2.5,
     )
     assert config.hash_function == "blake2b"
+    assert config.conflict_wait_seconds == 2.5
+
+
+def test_conflict_wait_must_end_before_the_replayed_record_expires() -> None:
+    assert IdempotencyConfig(expires_after_seconds=60, conflict_wait_seconds=59.5)
+    with pytest.raises(ValueError, match=r"conflict_wait_seconds.*expires_after_seconds"):
+        IdempotencyConfig(expires_after_seconds=60, conflict_wait_seconds=60)

@@ -6,6 +6,8 @@ process the demo started is left behind, after a normal run and after Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import re
 import shutil
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from idem_middleware.persistence import from_url
 from tooling import demo
+from tooling.demo import stores
 from tooling.demo.__main__ import main
 from tooling.processes import free_port
 
@@ -92,12 +96,16 @@ def test_demo_on_sqlite_holds_every_expectation() -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "✓ All 10 expectations held: one charge per payment" in out
+    assert "✓ All 14 expectations held: one charge per payment" in out
     assert "✗" not in out
-    assert "1. FastAPI on uvicorn" in out
+    assert "1. FastAPI on uvicorn (duplicates wait up to 5 s)" in out
     assert "2. Flask on gunicorn (2 worker processes, 4 threads each)" in out
-    assert out.count("✓") == 2 * 5 + 1, "five steps per server, each held, and the verdict"
+    assert out.count("✓") == 2 * 7 + 1, "seven steps per server, each held, and the verdict"
     assert out.count("payments_created: 1") == 2
+    assert out.count("exports_created: 1") == 2
+    # The first server let the concurrent retries wait for the answer; the second said 409.
+    assert "20 waited" in out
+    assert "got 409" in out
     assert elapsed < 40, f"the demo took {elapsed:.1f} s"
     # Both servers are gone: nothing listens on their ports any more.
     ports = re.findall(r"http://127\.0\.0\.1:(\d+)", out)
@@ -121,10 +129,75 @@ def test_demo_starts_and_stops_its_own_redis_server() -> None:
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "✓ All 10 expectations held" in result.stdout
+    assert "✓ All 14 expectations held" in result.stdout
     port = re.search(r"Idempotency store: Redis at redis://127\.0\.0\.1:(\d+)/0", result.stdout)
     assert port, result.stdout
     assert not listening(int(port[1])), "the demo's redis-server still listens"
+
+
+def postgres_schema_exists(conninfo: str, schema: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+    return row is not None and row[0] == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_demo_on_postgres_drops_its_table(postgres_conninfo: str) -> None:
+    """IDEM_DEMO_POSTGRES_DSN names the server (here as a libpq key=value string): the demo's
+    table is made with create_table() in a schema of its own, and dropped at the end.
+    """
+    env = {**demo_env(), "IDEM_DEMO_POSTGRES_DSN": postgres_conninfo}
+    result = subprocess.run(
+        [*DEMO, "--store", "postgres"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✓ All 14 expectations held" in result.stdout
+    assert "2. Flask on gunicorn (2 worker processes" in result.stdout, "a store shared by workers"
+    table = re.search(
+        r"Idempotency store: PostgreSQL table (idem_demo_[0-9a-f]{12})\.idempotency_records",
+        result.stdout,
+    )
+    assert table, result.stdout
+    assert not postgres_schema_exists(postgres_conninfo, table[1]), "the demo's table was kept"
+
+
+def has_initdb() -> bool:
+    return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not has_initdb(), reason="needs PostgreSQL's initdb and pg_ctl")
+def test_demo_starts_a_private_postgres_when_none_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IDEM_DEMO_POSTGRES_DSN", raising=False)
+    monkeypatch.setattr(
+        stores, "DEFAULT_POSTGRES_DSN", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    )
+
+    with contextlib.ExitStack() as services:
+        store = stores.postgres(services)
+        assert "a private server, started for the demo" in store.description
+        url = store.url(Path("unused"), 1)
+        port = int(re.findall(r"127\.0\.0\.1:(\d+)", url)[0])
+        assert listening(port)
+        layer = from_url(url)  # as the apps build it
+        try:
+            layer.check()  # the table exists, in the schema the URL puts first on the path
+        finally:
+            layer.close()  # type: ignore[attr-defined]
+
+    assert not listening(port), "the demo's PostgreSQL server still listens"
 
 
 @pytest.mark.e2e
@@ -196,6 +269,18 @@ def test_demo_on_an_unreachable_store_starts_no_server(
     assert_one_line_error(
         code, capsys.readouterr().err, f"cannot use DynamoDB at http://127.0.0.1:{port}"
     )
+
+    # A server named by IDEM_DEMO_POSTGRES_DSN is not replaced by a private one.
+    monkeypatch.setenv("IDEM_DEMO_POSTGRES_DSN", f"postgresql://app:s3cret@127.0.0.1:{port}/db")
+    code = main(["--store", "postgres"])
+    err = capsys.readouterr().err
+    assert_one_line_error(
+        code,
+        err,
+        f"cannot use PostgreSQL at postgresql://app:***@127.0.0.1:{port}/db",
+        "Connection refused",
+    )
+    assert "s3cret" not in err
 
 
 def test_demo_names_its_missing_dependencies(

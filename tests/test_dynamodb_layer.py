@@ -116,7 +116,7 @@ def test_item_uses_powertools_attribute_names_and_types(
     assert item == {
         "id": {"S": key},
         "expiration": {"N": str(int(now) + 86_400)},
-        "in_progress_expiration": {"N": str(int((now + 60) * 1000))},
+        "in_progress_expiration": {"N": str(int((now + 10) * 1000))},
         "status": {"S": "INPROGRESS"},
         "validation": {"S": HASH},
         "lease_id": {"S": lease.lease_id},  # the one attribute Powertools' items lack

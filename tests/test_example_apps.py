@@ -136,7 +136,7 @@ def test_create_payment(api: Api) -> None:
     fetched = api.get(f"/payments/{payment['id']}")
     assert fetched.status == 200
     assert fetched.json()["id"] == payment["id"]
-    assert api.stats() == {"payments_created": 1, "refunds_created": 0}
+    assert api.stats() == {"payments_created": 1, "refunds_created": 0, "exports_created": 0}
 
 
 def test_retry_is_a_byte_identical_replay(api: Api) -> None:
@@ -233,7 +233,7 @@ def test_refunds(api: Api) -> None:
     assert rest.json()["amount"] == 1000
     assert api.post(refunds, {"amount": 1}, key="refund-3").status == 422  # nothing left
     assert api.get(f"/payments/{payment['id']}").json()["status"] == "refunded"
-    assert api.stats() == {"payments_created": 1, "refunds_created": 2}
+    assert api.stats() == {"payments_created": 1, "refunds_created": 2, "exports_created": 0}
 
 
 def test_reads_are_not_covered(api: Api) -> None:
@@ -242,6 +242,53 @@ def test_reads_are_not_covered(api: Api) -> None:
     assert health.status == 200
     assert not health.replayed
     assert health.json()["status"] == "ok"
+
+
+# Streamed exports ---------------------------------------------------------------------------
+
+
+def test_export_is_streamed_once_and_replayed_whole(api: Api) -> None:
+    api.post("/payments", PAYMENT, key="order-1")
+    first = api.post("/exports", key="export-1")
+    retry = api.post("/exports", key="export-1")
+    assert first.status == 201
+    assert first.headers["content-type"].startswith("text/csv")
+    lines = first.body.decode().splitlines()
+    assert lines[0].startswith(f"# export {first.headers['x-export-id']}")
+    assert lines[1] == "payment_id,amount,currency,created"
+    assert lines[2].startswith("pay_")
+    assert ",1250,EUR," in lines[2]
+    assert lines[-1].endswith(": 1 payments")
+    assert retry.replayed
+    assert retry.body == first.body
+    assert retry.headers["x-export-id"] == first.headers["x-export-id"]
+    assert api.post("/exports").status == 400  # a key is required here too
+    assert api.stats()["exports_created"] == 1
+
+
+def test_conflict_wait_comes_from_the_environment() -> None:
+    assert store.conflict_wait_seconds_from_env({}) == 0
+    assert store.conflict_wait_seconds_from_env({"IDEM_CONFLICT_WAIT_SECONDS": "2.5"}) == 2.5
+    for bad in ("-1", "soon", "nan", "inf"):
+        with pytest.raises(ValueError, match="IDEM_CONFLICT_WAIT_SECONDS"):
+            store.conflict_wait_seconds_from_env({"IDEM_CONFLICT_WAIT_SECONDS": bad})
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_apps_let_duplicates_wait_when_told(
+    name: str, fresh_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IDEM_CONFLICT_WAIT_SECONDS", "3")
+    module = load(name)
+    middleware = module.app.wsgi_app if name == "flask" else None
+    if middleware is None:
+        middleware = next(
+            m for m in module.app.user_middleware if m.cls.__name__ == "IdempotencyMiddleware"
+        )
+        config = middleware.kwargs["config"]
+    else:
+        config = middleware.engine.config
+    assert config.conflict_wait_seconds == 3
 
 
 # Mounted under a prefix ---------------------------------------------------------------------
@@ -362,4 +409,4 @@ def test_ledger_is_shared_by_processes(tmp_path: Path) -> None:
     one, two = store.Ledger(path), store.Ledger(path)
     payment = one.create_payment("alice", store.NewPayment(500, "USD"))
     assert two.get_payment("alice", payment["id"])["amount"] == 500
-    assert two.stats() == {"payments_created": 1, "refunds_created": 0}
+    assert two.stats() == {"payments_created": 1, "refunds_created": 0, "exports_created": 0}

@@ -89,6 +89,14 @@ def test_postgresql_url_round_trip(postgres_conninfo: str, scheme: str) -> None:
         layer.close()
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql:///idem", "postgres:///idem?host=/run/postgresql&sslmode=disable"]
+)
+def test_a_postgresql_url_without_a_host_keeps_its_empty_authority(url: str) -> None:
+    layer: Any = from_url(url)
+    assert layer.conninfo == url
+
+
 def test_dynamodb_client_from_the_query() -> None:
     from idem_middleware.persistence import DynamoDBPersistenceLayer
 

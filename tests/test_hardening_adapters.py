@@ -5,9 +5,7 @@ WSGI replays, finishing calls that never queue behind claims, and a broken store
 from __future__ import annotations
 
 import contextlib
-import io
 import socket
-import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,54 +25,11 @@ from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED
 from idem_middleware.responses import StoredResponse
 from tests.support.harness import Harness
+from tests.support.wsgi import WSGIServer, environ
 from tooling.servers import ServerStartError, running, start_gunicorn, start_uvicorn
 
 Message = dict[str, Any]
 LIMIT = 64
-
-
-def wsgi_environ(body: bytes = b"{}", **extra: Any) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/pay",
-        "QUERY_STRING": "",
-        "SERVER_NAME": "testserver",
-        "SERVER_PORT": "80",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "CONTENT_LENGTH": str(len(body)),
-        "HTTP_IDEMPOTENCY_KEY": "k-1",
-    }
-    env.update(extra)
-    return {k: v for k, v in env.items() if v is not None}
-
-
-class WSGIServer:
-    def __init__(self) -> None:
-        self.status: str | None = None
-        self.headers: list[tuple[str, str]] = []
-
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
-    ) -> Any:
-        self.status = status
-        self.headers = headers
-        return lambda data: None
-
-    def call(self, app: Any, env: dict[str, Any]) -> bytes:
-        iterable = app(env, self.start_response)
-        try:
-            return b"".join(iterable)
-        finally:
-            close = getattr(iterable, "close", None)
-            if close is not None:
-                close()
 
 
 def counting_wsgi_app(seen: list[bytes]) -> Any:
@@ -106,14 +61,14 @@ def test_wsgi_terminated_input_shorter_than_content_length_is_400_and_claims_not
     wrapped = wsgi_middleware(counting_wsgi_app(seen))
     body = b'{"amount": 1250, "x": 1}'
     assert len(body) == 24
-    cut = wsgi_environ(body[:10], CONTENT_LENGTH="24", **{"wsgi.input_terminated": True})
+    cut = environ(body[:10], CONTENT_LENGTH="24", **{"wsgi.input_terminated": True})
     server = WSGIServer()
     problem = server.call(wrapped, cut)
     assert (server.status or "").startswith("400")
     assert b"request_body_incomplete" in problem
     assert seen == []
     retry = WSGIServer()
-    assert retry.call(wrapped, wsgi_environ(body, **{"wsgi.input_terminated": True})) == (
+    assert retry.call(wrapped, environ(body, **{"wsgi.input_terminated": True})) == (
         b"created:" + body
     )
     assert retry.status == "201 Created"
@@ -123,7 +78,7 @@ def test_wsgi_terminated_input_shorter_than_content_length_is_400_and_claims_not
 def test_wsgi_terminated_input_with_content_length_over_the_limit_is_413_before_reading() -> None:
     seen: list[bytes] = []
     wrapped = wsgi_middleware(counting_wsgi_app(seen), max_request_body_bytes=LIMIT)
-    env = wsgi_environ(b"x" * (LIMIT + 1), **{"wsgi.input_terminated": True})
+    env = environ(b"x" * (LIMIT + 1), **{"wsgi.input_terminated": True})
     server = WSGIServer()
     server.call(wrapped, env)
     assert (server.status or "").startswith("413")
@@ -134,7 +89,7 @@ def test_wsgi_terminated_input_with_content_length_over_the_limit_is_413_before_
 def test_wsgi_terminated_input_without_content_length_is_read_to_eof() -> None:
     seen: list[bytes] = []
     wrapped = wsgi_middleware(counting_wsgi_app(seen))
-    env = wsgi_environ(b"chunked body", CONTENT_LENGTH=None, **{"wsgi.input_terminated": True})
+    env = environ(b"chunked body", CONTENT_LENGTH=None, **{"wsgi.input_terminated": True})
     assert WSGIServer().call(wrapped, env) == b"created:chunked body"
 
 
@@ -227,7 +182,7 @@ def test_wsgi_keyless_request_gets_the_servers_own_input() -> None:
         start_response("200 OK", [])
         return [b"ok"]
 
-    env = wsgi_environ(b"x" * (LIMIT * 2), HTTP_IDEMPOTENCY_KEY=None)
+    env = environ(b"x" * (LIMIT * 2), HTTP_IDEMPOTENCY_KEY=None)
     original = env["wsgi.input"]
     assert WSGIServer().call(wsgi_middleware(app, max_request_body_bytes=LIMIT), env) == b"ok"
     assert streams == [original]
@@ -282,9 +237,9 @@ def test_wsgi_replay_keeps_the_reason_phrase_and_header_names() -> None:
 
     wrapped = wsgi_middleware(app)
     first = WSGIServer()
-    first.call(wrapped, wsgi_environ())
+    first.call(wrapped, environ())
     replay = WSGIServer()
-    assert replay.call(wrapped, wsgi_environ()) == b"ok"
+    assert replay.call(wrapped, environ()) == b"ok"
     assert replay.status == "201 CREATED"
     assert replay.headers == [
         ("Content-Type", "text/plain"),
@@ -300,9 +255,9 @@ def test_wsgi_replay_of_an_unknown_status_keeps_its_reason() -> None:
         return [b"custom"]
 
     wrapped = wsgi_middleware(app)
-    WSGIServer().call(wrapped, wsgi_environ())
+    WSGIServer().call(wrapped, environ())
     replay = WSGIServer()
-    assert replay.call(wrapped, wsgi_environ()) == b"custom"
+    assert replay.call(wrapped, environ()) == b"custom"
     assert replay.status == "299 Custom Thing"
 
 
@@ -323,9 +278,9 @@ def test_stored_reason_survives_excluded_headers_and_omitted_bodies() -> None:
         return [b"x" * 100]
 
     wrapped = wsgi_middleware(app, max_stored_response_bytes=10)
-    WSGIServer().call(wrapped, wsgi_environ())
+    WSGIServer().call(wrapped, environ())
     replay = WSGIServer()
-    assert replay.call(wrapped, wsgi_environ()) == b""
+    assert replay.call(wrapped, environ()) == b""
     assert replay.status == "201 CREATED"
     assert ("Idempotent-Body-Omitted", "true") in replay.headers
 

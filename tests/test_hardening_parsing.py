@@ -23,33 +23,11 @@ from idem_middleware.engine import IdempotencyEngine
 from idem_middleware.keys import KeyDeriver
 from idem_middleware.persistence import InMemoryPersistenceLayer
 from idem_middleware.request import Headers
-from tests.support.harness import Harness, Reply
+from tests.support.harness import Harness, Reply, assert_problem
 
 KEY = [("Idempotency-Key", "order-1")]
 
 MakeHarness = Callable[..., Harness]
-
-
-@pytest.fixture(params=["asgi", "wsgi"])
-def make(request: pytest.FixtureRequest) -> MakeHarness:
-    def factory(layer: InMemoryPersistenceLayer | None = None, **config: object) -> Harness:
-        return Harness(
-            request.param,
-            layer if layer is not None else InMemoryPersistenceLayer(),
-            IdempotencyConfig(**config),
-        )
-
-    return factory
-
-
-def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, reply.body
-    assert reply.header("content-type") == "application/problem+json"
-    problem: dict[str, Any] = reply.json()
-    assert problem["status"] == status
-    assert problem["code"] == code
-    assert problem["detail"]
-    return problem
 
 
 def send(
@@ -502,7 +480,7 @@ def test_expiry_shorter_than_the_lease_is_refused() -> None:
     with pytest.raises(ValueError, match="expires_after_seconds"):
         IdempotencyConfig(expires_after_seconds=30, in_progress_expires_after_seconds=60)
     with pytest.raises(ValueError, match="expires_after_seconds"):
-        IdempotencyConfig(expires_after_seconds=59)  # the default lease is 60 s
+        IdempotencyConfig(expires_after_seconds=9)  # the default lease is 10 s
     equal = IdempotencyConfig(expires_after_seconds=60, in_progress_expires_after_seconds=60)
     assert equal.expires_after_seconds == 60
 

@@ -78,7 +78,7 @@ def test_headers_from_asgi_answer_like_decoded_headers(name: str) -> None:
 
 def _parse_key_by_definition(value: str) -> str:
     """parse_key's general path for one bare (unquoted) value, without its fast path."""
-    key = value.strip(" \t").partition(";")[0]
+    key = value.strip(" \t")  # taken whole, ";" included: no parameters on a bare key
     if not _is_bare_key_by_definition(key):
         raise IdempotencyKeyInvalidError("bare")
     if not 1 <= len(key) <= 255:

@@ -7,38 +7,15 @@ from collections.abc import Callable
 
 import pytest
 
-from idem_middleware import IdempotencyConfig, IdempotencyEvent, IdempotencyRequest
+from idem_middleware import IdempotencyEvent, IdempotencyRequest
 from idem_middleware.exceptions import IdempotencyPersistenceLayerError
 from idem_middleware.persistence import DataRecord, InMemoryPersistenceLayer
-from tests.support.harness import Harness, Reply
+from tests.support.harness import Harness, assert_problem
 
 KEY = [("Idempotency-Key", "order-1")]
 ORDER = {"sku": "book", "quantity": 1}
 
 MakeHarness = Callable[..., Harness]
-
-
-@pytest.fixture(params=["asgi", "wsgi"])
-def make(request: pytest.FixtureRequest) -> MakeHarness:
-    def factory(layer: InMemoryPersistenceLayer | None = None, **config: object) -> Harness:
-        return Harness(
-            request.param,
-            layer if layer is not None else InMemoryPersistenceLayer(),
-            IdempotencyConfig(**config),
-        )
-
-    return factory
-
-
-def assert_problem(reply: Reply, status: int, code: str) -> None:
-    assert reply.status == status
-    assert reply.header("content-type") == "application/problem+json"
-    problem = reply.json()
-    assert problem["status"] == status
-    assert problem["code"] == code
-    assert problem["type"].endswith(code)
-    assert problem["title"]
-    assert problem["detail"]
 
 
 # First request, replay -------------------------------------------------------------------

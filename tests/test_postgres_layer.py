@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
 from idem_middleware import IdempotencyConfig
@@ -28,11 +28,15 @@ from idem_middleware.exceptions import (
     IdempotencyItemNotFoundError,
     IdempotencyLeaseLostError,
     IdempotencyPersistenceLayerError,
+    StoreNotAuthorisedError,
+    StoreNotFoundError,
+    StoreUnreachableError,
 )
 from idem_middleware.persistence import PostgresPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 from tests.support.backends import FakeClock
+from tooling.processes import free_port
 
 pytestmark = pytest.mark.postgres
 
@@ -84,12 +88,6 @@ def count_rows(admin: psycopg.Connection[Any], table: str) -> int:
     row = admin.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # The one-statement claim ----------------------------------------------------------------------
@@ -394,10 +392,32 @@ def test_a_record_with_an_unknown_status_is_a_store_error(
         layer.save_inprogress(key, HASH)
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"port": "closed"}, StoreUnreachableError),
+        ({"user": "no_such_role"}, StoreNotAuthorisedError),
+        ({"dbname": "no_such_database"}, StoreNotFoundError),
+    ],
+)
+def test_check_names_why_it_cannot_connect(
+    make_layer: MakeLayer,
+    postgres_conninfo: str,
+    change: dict[str, str],
+    expected: type[IdempotencyPersistenceLayerError],
+) -> None:
+    params = conninfo_to_dict(postgres_conninfo)
+    params.update({k: str(free_port()) if v == "closed" else v for k, v in change.items()})
+    layer = make_layer(conninfo=make_conninfo(**params), create=False)
+
+    with pytest.raises(expected):
+        layer.check()
+
+
 def test_a_closed_port_is_a_store_error_naming_host_and_database_not_password(
     make_layer: MakeLayer,
 ) -> None:
-    port = closed_port()
+    port = free_port()
     layer = make_layer(
         conninfo=f"host=127.0.0.1 port={port} user=postgres password=hunter2 dbname=shop",
         create=False,
@@ -711,7 +731,7 @@ def test_an_unreachable_database_is_a_503_over_http_and_the_handler_does_not_run
     from tests.support.harness import Harness
 
     layer = PostgresPersistenceLayer(
-        f"host=127.0.0.1 port={closed_port()} user=postgres dbname=shop", pool_timeout_seconds=0.3
+        f"host=127.0.0.1 port={free_port()} user=postgres dbname=shop", pool_timeout_seconds=0.3
     )
     harness = Harness(kind, layer, IdempotencyConfig())
     try:

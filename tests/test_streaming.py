@@ -9,8 +9,6 @@ middleware holds that chunk back.
 
 from __future__ import annotations
 
-import io
-import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import nullcontext
@@ -30,6 +28,7 @@ from idem_middleware import IdempotencyConfig, IdempotencyMiddleware, Idempotenc
 from idem_middleware.persistence import InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
 from tests.support.harness import Harness
+from tests.support.wsgi import environ
 from tooling.servers import running, start_gunicorn, start_uvicorn
 
 Message = dict[str, Any]
@@ -371,34 +370,16 @@ class GatedFlaskStream:
         return app
 
 
-def wsgi_environ(body: bytes = b"{}") -> dict[str, Any]:
-    return {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/stream",
-        "QUERY_STRING": "",
-        "SERVER_NAME": "testserver",
-        "SERVER_PORT": "80",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "CONTENT_LENGTH": str(len(body)),
-        "CONTENT_TYPE": "application/json",
-        "HTTP_IDEMPOTENCY_KEY": "stream-1",
-    }
-
-
 class WSGIResponse:
     """What a server got from one call: the status line, the headers and the iterable."""
 
     def __init__(self, app: Any) -> None:
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
-        self.iterable = app(wsgi_environ(), self.start_response)
+        self.iterable = app(
+            environ(path="/stream", key="stream-1", CONTENT_TYPE="application/json"),
+            self.start_response,
+        )
         self.iterator = iter(self.iterable)
 
     def start_response(

@@ -14,57 +14,7 @@ import pytest
 from idem_middleware import IdempotencyConfig, IdempotencyWSGIMiddleware
 from idem_middleware.persistence import InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
-
-
-def environ(
-    body: bytes = b"{}", *, content_length: int | None = None, key: str | None = "k-1", **extra: Any
-) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/pay",
-        "QUERY_STRING": "",
-        "SERVER_NAME": "testserver",
-        "SERVER_PORT": "80",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "CONTENT_LENGTH": str(len(body) if content_length is None else content_length),
-    }
-    if key is not None:
-        env["HTTP_IDEMPOTENCY_KEY"] = key
-    env.update(extra)
-    return env
-
-
-class Server:
-    """Calls a WSGI app the way a server does and records what it was given."""
-
-    def __init__(self) -> None:
-        self.status: str | None = None
-        self.headers: list[tuple[str, str]] = []
-
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
-    ) -> Any:
-        self.status = status
-        self.headers = headers
-        return lambda data: None
-
-    def call(self, app: Any, env: dict[str, Any]) -> bytes:
-        iterable = app(env, self.start_response)
-        try:
-            return b"".join(iterable)
-        finally:
-            if hasattr(iterable, "close"):
-                iterable.close()
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+from tests.support.wsgi import WSGIServer, environ
 
 
 class ClosingIterable:
@@ -109,7 +59,7 @@ def test_reads_exactly_content_length_and_hands_the_app_a_fresh_stream() -> None
     wrapped = middleware(echo_app(seen))
     stream = io.BytesIO(b"abcEXTRA")
     env = environ(content_length=3, **{"wsgi.input": stream})
-    body = Server().call(wrapped, env)
+    body = WSGIServer().call(wrapped, env)
     assert body == b"got:abc"
     assert seen == [{"body": b"abc", "content_length": "3"}]
     assert stream.read() == b"EXTRA"  # nothing past Content-Length was consumed
@@ -120,7 +70,7 @@ def test_input_terminated_is_read_to_eof() -> None:
     wrapped = middleware(echo_app(seen))
     env = environ(b"chunked-body", **{"wsgi.input_terminated": True})
     del env["CONTENT_LENGTH"]
-    assert Server().call(wrapped, env) == b"got:chunked-body"
+    assert WSGIServer().call(wrapped, env) == b"got:chunked-body"
     assert seen[0]["content_length"] == str(len(b"chunked-body"))
 
 
@@ -128,7 +78,7 @@ def test_body_shorter_than_content_length_is_400_and_claims_nothing() -> None:
     layer = InMemoryPersistenceLayer()
     seen: list[dict[str, Any]] = []
     wrapped = middleware(echo_app(seen), layer=layer)
-    server = Server()
+    server = WSGIServer()
     body = server.call(wrapped, environ(b"abc", content_length=10))
     assert server.status is not None
     assert server.status.startswith("400")
@@ -139,7 +89,7 @@ def test_body_shorter_than_content_length_is_400_and_claims_nothing() -> None:
 
 def test_declared_length_over_the_limit_is_413_without_reading() -> None:
     stream = io.BytesIO(b"x" * 50)
-    server = Server()
+    server = WSGIServer()
     server.call(
         middleware(echo_app([]), max_request_body_bytes=10),
         environ(content_length=50, **{"wsgi.input": stream}),
@@ -151,8 +101,8 @@ def test_declared_length_over_the_limit_is_413_without_reading() -> None:
 
 def test_replay_keeps_duplicate_headers_and_recomputes_content_length() -> None:
     wrapped = middleware(echo_app([]))
-    Server().call(wrapped, environ(b"abc"))
-    server = Server()
+    WSGIServer().call(wrapped, environ(b"abc"))
+    server = WSGIServer()
     body = server.call(wrapped, environ(b"abc"))
     assert body == b"got:abc"
     assert server.status == "201 Created"
@@ -170,10 +120,10 @@ def test_lazy_start_response_during_iteration_is_captured() -> None:
         yield b"lazy"
 
     wrapped = middleware(app)
-    first = Server()
+    first = WSGIServer()
     assert first.call(wrapped, environ()) == b"lazy"
     assert first.status == "202 Accepted"
-    retry = Server()
+    retry = WSGIServer()
     assert retry.call(wrapped, environ()) == b"lazy"
     assert retry.header("idempotent-replayed") == "true"
     assert calls == [1]
@@ -186,8 +136,8 @@ def test_write_callable_output_is_captured_before_the_iterable() -> None:
         return [b"returned"]
 
     wrapped = middleware(app)
-    assert Server().call(wrapped, environ()) == b"written,returned"
-    assert Server().call(wrapped, environ()) == b"written,returned"
+    assert WSGIServer().call(wrapped, environ()) == b"written,returned"
+    assert WSGIServer().call(wrapped, environ()) == b"written,returned"
 
 
 def test_start_response_with_exc_info_replaces_the_captured_response() -> None:
@@ -200,10 +150,10 @@ def test_start_response_with_exc_info_replaces_the_captured_response() -> None:
         return [b"bad input"]
 
     wrapped = middleware(app)
-    server = Server()
+    server = WSGIServer()
     assert server.call(wrapped, environ()) == b"bad input"
     assert server.status == "400 Bad Request"
-    replay = Server()
+    replay = WSGIServer()
     replay.call(wrapped, environ())
     assert replay.status == "400 Bad Request"
     assert replay.header("idempotent-replayed") == "true"
@@ -216,7 +166,7 @@ def test_close_is_called_on_success() -> None:
         start_response("200 OK", [])
         return iterable
 
-    assert Server().call(middleware(app), environ()) == b"ab"
+    assert WSGIServer().call(middleware(app), environ()) == b"ab"
     assert iterable.closed
 
 
@@ -229,7 +179,7 @@ def test_exception_during_iteration_closes_releases_and_propagates() -> None:
         return iterable
 
     with pytest.raises(RuntimeError, match="iteration failed"):
-        Server().call(middleware(app, layer=layer), environ())
+        WSGIServer().call(middleware(app, layer=layer), environ())
     assert iterable.closed
     assert layer._records == {}
 
@@ -242,7 +192,7 @@ def test_app_exception_releases_the_record_and_propagates() -> None:
         raise error
 
     with pytest.raises(KeyError) as raised:
-        Server().call(middleware(app, layer=layer), environ())
+        WSGIServer().call(middleware(app, layer=layer), environ())
     assert raised.value is error
     assert layer._records == {}
 
@@ -250,7 +200,7 @@ def test_app_exception_releases_the_record_and_propagates() -> None:
 def test_record_is_completed_before_the_response_is_returned() -> None:
     layer = InMemoryPersistenceLayer()
     statuses: list[str] = []
-    server = Server()
+    server = WSGIServer()
     original = server.start_response
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -271,7 +221,7 @@ def test_oversized_response_streams_and_the_app_iterable_is_closed_on_client_abo
         return iterable
 
     wrapped = middleware(app, layer=layer, max_stored_response_bytes=1000)
-    result = wrapped(environ(), Server().start_response)
+    result = wrapped(environ(), WSGIServer().start_response)
     first = next(iter(result))  # the client reads one chunk and goes away
     assert [record.status for record in layer._records.values()] == [STATUS_INPROGRESS]
     result.close()  # type: ignore[attr-defined]
@@ -293,7 +243,7 @@ def test_uncovered_request_is_passed_through_untouched() -> None:
 
     env = environ(REQUEST_METHOD="GET")
     stream = env["wsgi.input"]
-    assert Server().call(middleware(app), env) == b"ok"
+    assert WSGIServer().call(middleware(app), env) == b"ok"
     assert captured == [stream]
 
 
@@ -305,7 +255,7 @@ class BrokenStream:
 def test_a_body_that_cannot_be_read_is_400_and_claims_nothing() -> None:
     layer = InMemoryPersistenceLayer()
     seen: list[dict[str, Any]] = []
-    server = Server()
+    server = WSGIServer()
     body = server.call(
         middleware(echo_app(seen), layer=layer),
         environ(content_length=10, **{"wsgi.input": BrokenStream()}),
@@ -321,7 +271,7 @@ def test_an_unparsable_content_length_reads_no_body() -> None:
     seen: list[dict[str, Any]] = []
     env = environ(b"ignored")
     env["CONTENT_LENGTH"] = "twelve"
-    assert Server().call(middleware(echo_app(seen)), env) == b"got:"
+    assert WSGIServer().call(middleware(echo_app(seen)), env) == b"got:"
     assert seen == [{"body": b"", "content_length": "0"}]
 
 
@@ -329,7 +279,7 @@ def test_terminated_input_over_the_limit_is_413() -> None:
     seen: list[dict[str, Any]] = []
     env = environ(b"x" * 20, **{"wsgi.input_terminated": True})
     del env["CONTENT_LENGTH"]
-    server = Server()
+    server = WSGIServer()
     server.call(middleware(echo_app(seen), max_request_body_bytes=10), env)
     assert server.status is not None
     assert server.status.startswith("413")
@@ -343,7 +293,7 @@ def test_app_that_never_calls_start_response_fails_and_releases() -> None:
         return [b"no status"]
 
     with pytest.raises(RuntimeError, match="start_response"):
-        Server().call(middleware(app, layer=layer), environ())
+        WSGIServer().call(middleware(app, layer=layer), environ())
     assert layer._records == {}
 
 
@@ -381,8 +331,8 @@ def test_a_status_without_a_known_phrase_is_replayed() -> None:
         return [b"custom"]
 
     wrapped = middleware(app)
-    Server().call(wrapped, environ())
-    replay = Server()
+    WSGIServer().call(wrapped, environ())
+    replay = WSGIServer()
     assert replay.call(wrapped, environ()) == b"custom"
     assert replay.status == "299 Custom"  # the app's reason phrase, as it wrote it
 
@@ -396,6 +346,6 @@ def test_exception_on_the_first_chunk_closes_releases_and_propagates() -> None:
         return iterable
 
     with pytest.raises(RuntimeError, match="iteration failed"):
-        Server().call(middleware(app, layer=layer), environ())
+        WSGIServer().call(middleware(app, layer=layer), environ())
     assert iterable.closed
     assert layer._records == {}

@@ -1,4 +1,4 @@
-"""``idem-middleware``: create the DynamoDB table, inspect or delete one key's record.
+"""``idem-middleware``: create the DynamoDB or PostgreSQL table, inspect or delete one key's record.
 
 One module per command (:mod:`~idem_middleware.cli.create_table`,
 :mod:`~idem_middleware.cli.inspect`, :mod:`~idem_middleware.cli.delete`), each with its
@@ -7,7 +7,8 @@ the options name with :func:`idem_middleware.persistence.from_url`.
 
 Mistakes the user can fix (no credentials, a missing table, a store that does not answer, a
 missing optional dependency) are one line on stderr and a non-zero exit code, never a traceback:
-every command raises :class:`CLIError` for them, and :func:`main` prints it.
+a store fault is the layer's typed ``IdempotencyPersistenceLayerError``, whose message names the
+store and the fix; the CLI's own checks raise :class:`CLIError`; :func:`main` prints either.
 
 Exit codes: 0 success, 1 error (or no record for the key), 2 usage error, 130 interrupted.
 """
@@ -20,7 +21,15 @@ from collections.abc import Sequence
 
 import idem_middleware
 from idem_middleware.cli import create_table, delete, inspect
-from idem_middleware.cli.errors import EXIT_ERROR, EXIT_INTERRUPTED, PROG, CLIError, wrap
+from idem_middleware.cli.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    PROG,
+    CLIError,
+    one_line,
+    wrap,
+)
+from idem_middleware.exceptions import IdempotencyPersistenceLayerError
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -49,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
         code: int = args.run(args, sys.stdout)
-    except CLIError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+    except (CLIError, IdempotencyPersistenceLayerError) as exc:
+        print(f"{PROG} {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

@@ -7,7 +7,6 @@ from typing import Any, TextIO
 
 from idem_middleware.cli.errors import PROG, CLIError, wrap
 from idem_middleware.cli.records import add_record_options, open_record
-from idem_middleware.exceptions import IdempotencyPersistenceLayerError
 
 
 def register(commands: Any) -> None:
@@ -27,12 +26,8 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    store, key = open_record(args)
-    try:
-        removed = store.layer.remove_record(key)
-    except IdempotencyPersistenceLayerError as exc:
-        raise store.translate(exc) from None
-    if not removed:
-        raise CLIError(f"no record for this key in {store.description} (stored key {key})")
+    with open_record(args) as (store, key):
+        if not store.layer.remove_record(key):
+            raise CLIError(f"no record for this key in {store.description} (stored key {key})")
     print(f"removed the record {key} from {store.description}", file=out)
     return 0

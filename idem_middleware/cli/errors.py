@@ -13,9 +13,11 @@ class CLIError(Exception):
     """A mistake the user can fix: printed as one line on stderr, exit code ``EXIT_ERROR``."""
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+def one_line(exc: BaseException) -> str:
+    """The whole message on one line: a store's message ends with the fix (psycopg's and
+    botocore's span lines), so it is joined rather than cut at its first line.
+    """
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def wrap(text: str) -> str:

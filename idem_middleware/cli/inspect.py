@@ -11,10 +11,7 @@ from typing import Any, TextIO
 
 from idem_middleware.cli.errors import PROG, CLIError, wrap
 from idem_middleware.cli.records import add_record_options, open_record
-from idem_middleware.exceptions import (
-    IdempotencyItemNotFoundError,
-    IdempotencyPersistenceLayerError,
-)
+from idem_middleware.exceptions import IdempotencyItemNotFoundError
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 
 
@@ -32,6 +29,7 @@ def register(commands: Any) -> None:
         f"--scope user:alice\n  {PROG} inspect order-1234 --table idempotency --scope "
         f"user:alice --json\n  {PROG} inspect order-1234 --url "
         "'dynamodb://idempotency?region=eu-west-1'\n"
+        f"  {PROG} inspect order-1234 --postgres-dsn postgresql://app@db/app --scope user:alice\n"
         f"  {PROG} inspect 'idempotency#3f…' --stored-key --redis-url redis://localhost:6379/0",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -43,16 +41,14 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
-    store, key = open_record(args)
-    try:
-        record = store.layer.get_record(key)
-    except IdempotencyItemNotFoundError:
-        raise CLIError(
-            f"no live record for this key in {store.description} (stored key {key}; "
-            "check --scope and --key-prefix, or it has expired)"
-        ) from None
-    except IdempotencyPersistenceLayerError as exc:
-        raise store.translate(exc) from None
+    with open_record(args) as (store, key):
+        try:
+            record = store.layer.get_record(key)
+        except IdempotencyItemNotFoundError:
+            raise CLIError(
+                f"no live record for this key in {store.description} (stored key {key}; "
+                "check --scope and --key-prefix, or it has expired)"
+            ) from None
     report = _record_report(record, store.description, args.show_body)
     if args.json:
         json.dump(report, out, indent=2, ensure_ascii=False)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from idem_middleware.cli.errors import CLIError
-from idem_middleware.cli.stores import Store, add_store_options, open_store
+from idem_middleware.cli.options import add_store_options
+from idem_middleware.cli.stores import Store, open_store
 from idem_middleware.exceptions import IdempotencyKeyInvalidError
 from idem_middleware.keys import header_key_material, parse_key
+
+#: The stores whose records inspect and delete read (memory:// lives in one process).
+KINDS = ("dynamodb", "postgres", "sqlite", "redis")
 
 
 def add_record_options(parser: argparse.ArgumentParser) -> None:
@@ -37,18 +43,21 @@ def add_record_options(parser: argparse.ArgumentParser) -> None:
         default="sha256",
         help="the app's IdempotencyConfig.hash_function (default: %(default)s)",
     )
-    add_store_options(parser)
+    add_store_options(parser, kinds=KINDS)
 
 
-def open_record(args: argparse.Namespace) -> tuple[Store, str]:
-    """The store, and the key the middleware stores the record of the client key ``args.key``
-    under. The key is checked before the store is opened.
+@contextmanager
+def open_record(args: argparse.Namespace) -> Iterator[tuple[Store, str]]:
+    """The store, checked, and the key the middleware stores the record of the client key
+    ``args.key`` under. The key is checked before the store is opened.
     """
-    if args.stored_key:
-        return open_store(args), str(args.key)
-    try:
-        key = parse_key([args.key])
-    except IdempotencyKeyInvalidError as exc:
-        raise CLIError(f"not a valid Idempotency-Key: {exc.detail}") from None
-    store = open_store(args)
-    return store, store.layer.build_idempotency_key(header_key_material(key), args.scope)
+    key = str(args.key)
+    if not args.stored_key:
+        try:
+            key = header_key_material(parse_key([key]))
+        except IdempotencyKeyInvalidError as exc:
+            raise CLIError(f"not a valid Idempotency-Key: {exc.detail}") from None
+    with open_store(args, kinds=KINDS, check=True) as store:
+        if not args.stored_key:
+            key = store.layer.build_idempotency_key(key, args.scope)
+        yield store, key

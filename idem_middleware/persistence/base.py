@@ -1,8 +1,9 @@
 """BasePersistenceLayer: the logic every store shares; backends only move records.
 
 Mirrors the persistence layer of Powertools for AWS Lambda: the base class builds keys, sets
-expiries, validates payloads and keeps the local cache; a backend implements four primitives.
-On top of Powertools it fences completion and release on the lease a request holds.
+expiries, validates payloads and keeps the local cache; a backend implements the primitives
+(claim, read, complete, renew, release, remove). On top of Powertools it fences completion,
+release and lease renewal on the lease a request holds, and renews leases while handlers run.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ DEFAULT_KEY_PREFIX = "idempotency"
 
 class BasePersistenceLayer(ABC):
     """Stores idempotency records. Subclasses implement ``_put_record``, ``_get_record``,
-    ``_update_record``, ``_delete_record`` and ``_remove_record``; everything else lives here,
-    once.
+    ``_update_record``, ``_renew_record``, ``_delete_record`` and ``_remove_record``; everything
+    else lives here, once.
     """
 
     #: ``True`` when the primitives do network or disk I/O: the ASGI adapter then runs them in a
@@ -154,15 +155,23 @@ class BasePersistenceLayer(ABC):
             raise
         return lease
 
-    def save_success(self, lease: DataRecord, response: StoredResponse) -> DataRecord:
-        """Complete the record held by ``lease`` with the response to replay.
+    def save_success(
+        self,
+        lease: DataRecord,
+        response: StoredResponse,
+        *,
+        expires_after_seconds: int | None = None,
+    ) -> DataRecord:
+        """Complete the record held by ``lease`` with the response to replay, kept for
+        ``expires_after_seconds`` (default: the config's; a route's own, ``@idempotent``).
 
         Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
         """
         record = DataRecord(
             idempotency_key=lease.idempotency_key,
             status=STATUS_COMPLETED,
-            expiry_timestamp=int(self.clock()) + self.config.expires_after_seconds,
+            expiry_timestamp=int(self.clock())
+            + (expires_after_seconds or self.config.expires_after_seconds),
             in_progress_expiry_timestamp=lease.in_progress_expiry_timestamp,
             payload_hash=lease.payload_hash,
             response=response,
@@ -171,6 +180,49 @@ class BasePersistenceLayer(ABC):
         self._write_with_retries(self._update_record, record, self._completed_under)
         self._save_to_cache(record)
         return record
+
+    def renew_lease(self, lease: DataRecord) -> DataRecord:
+        """Move the lease's end a full ``in_progress_expires_after_seconds`` past now, while the
+        handler still runs; returns the renewed lease, which the request completes or releases
+        with from then on (the one it renewed no longer holds the record).
+
+        Fenced like a completion: raises :class:`IdempotencyLeaseLostError` when the record is
+        no longer this lease's. Not retried: the lease keeper renews again well before the
+        lease runs out.
+        """
+        now = self.clock()
+        previous_end = lease.in_progress_expiry_timestamp or 0
+        renewed = DataRecord(
+            idempotency_key=lease.idempotency_key,
+            status=STATUS_INPROGRESS,
+            # The record must outlive its lease, or a live request's key could be claimed.
+            expiry_timestamp=max(
+                lease.expiry_timestamp or 0, int(now) + self.config.expires_after_seconds
+            ),
+            # Always later than the lease it replaces, so the old token stops matching even
+            # when the renewal lands within the claim's millisecond.
+            in_progress_expiry_timestamp=max(
+                int((now + self.config.in_progress_expires_after_seconds) * 1000),
+                previous_end + 1,
+            ),
+            payload_hash=lease.payload_hash,
+            lease_id=lease.lease_id,
+        )
+        try:
+            self._renew_record(lease, renewed)
+        except IdempotencyLeaseLostError:
+            # botocore and redis-py resend a write whose reply was lost: the resend then finds
+            # the renewal the first attempt made.
+            if self._holds(renewed):
+                return renewed
+            raise
+        return renewed
+
+    def _holds(self, lease: DataRecord) -> bool:
+        try:
+            return self._get_record(lease.idempotency_key).holds_same_lease(lease)
+        except (IdempotencyItemNotFoundError, IdempotencyPersistenceLayerError):
+            return False
 
     def delete_record(self, lease: DataRecord) -> None:
         """Release the key held by ``lease`` so a retry runs the handler again.
@@ -330,6 +382,15 @@ class BasePersistenceLayer(ABC):
         otherwise raise :class:`IdempotencyLeaseLostError`.
         A store that can only keep the response without its body sets ``response_data`` to
         what it kept.
+        """
+
+    @abstractmethod
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        """Set the record's ``in_progress_expiry_timestamp`` and ``expiry_timestamp`` to
+        ``renewed``'s (and the store's own expiry, if it keeps one), only while it is INPROGRESS
+        under ``lease`` (fenced as :meth:`_update_record`); otherwise raise
+        :class:`IdempotencyLeaseLostError`. Nothing else changes: the status, ``lease_id``,
+        validation hash and key stay as they are.
         """
 
     @abstractmethod

@@ -2,9 +2,10 @@
 
 Same attribute names and defaults as Powertools for AWS Lambda, so a table can be shared or
 migrated. The claim is one conditional ``PutItem`` that returns the existing item on collision
-(``ReturnValuesOnConditionCheckFailure=ALL_OLD``); completion and release are conditional on the
-lease (``in_progress_expiration`` and the extra ``lease_id`` attribute, a random token per claim),
-so a request whose lease ran out cannot touch the record of the request that took over. Items
+(``ReturnValuesOnConditionCheckFailure=ALL_OLD``); completion, lease renewal and release are
+conditional on the lease (``in_progress_expiration`` and the extra ``lease_id`` attribute, a
+random token per claim), so a request whose lease ran out cannot touch the record of the request
+that took over. Items
 written without ``lease_id`` (by Powertools or earlier versions) are read, and fenced on
 ``in_progress_expiration`` alone.
 """
@@ -105,8 +106,20 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         lease_id_attr: str = "lease_id",
     ) -> None:
         super().__init__()
-        if sort_key_attr == key_attr:
-            raise ValueError(f"key_attr and sort_key_attr must differ (both are {key_attr!r})")
+        if not isinstance(table_name, str) or not table_name:
+            raise ValueError(f"table_name must be a non-empty string, got {table_name!r}")
+        _check_attribute_names(
+            {
+                "key_attr": key_attr,
+                "sort_key_attr": sort_key_attr,
+                "expiry_attr": expiry_attr,
+                "in_progress_expiry_attr": in_progress_expiry_attr,
+                "status_attr": status_attr,
+                "data_attr": data_attr,
+                "validation_key_attr": validation_key_attr,
+                "lease_id_attr": lease_id_attr,
+            }
+        )
         if boto3_client is None:
             session = boto3_session or boto3.session.Session()
             boto3_client = session.client("dynamodb", config=boto_config or Config())
@@ -248,6 +261,27 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             return _LEGACY_LEASE_CONDITION, names, values
         values[":lease_id"] = {"S": lease.lease_id}
         return _LEASE_CONDITION, names, values
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        condition, names, values = self._lease_condition(lease)
+        names["#expiry"] = self.expiry_attr
+        values[":renewed"] = _number(renewed.in_progress_expiry_timestamp)
+        values[":expiry"] = _number(renewed.expiry_timestamp)
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(lease.idempotency_key),
+                UpdateExpression="SET #in_progress_expiry = :renewed, #expiry = :expiry",
+                ConditionExpression=condition,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _error_code(exc) == "ConditionalCheckFailedException":
+                raise IdempotencyLeaseLostError(lease.idempotency_key) from None
+            self._raise_store_error("UpdateItem (lease renewal)", exc)
+        except BotoCoreError as exc:
+            self._raise_store_error("UpdateItem (lease renewal)", exc)
 
     def _delete_record(self, data_record: DataRecord) -> None:
         condition, names, values = self._lease_condition(data_record)
@@ -436,3 +470,19 @@ def _error_code(exc: ClientError) -> str:
 def _is_item_too_large(exc: ClientError) -> bool:
     message = str(exc.response.get("Error", {}).get("Message", ""))
     return _error_code(exc) == "ValidationException" and "item size" in message.lower()
+
+
+def _check_attribute_names(names: dict[str, str | None]) -> None:
+    """Every attribute name is a non-empty string and names one attribute only: two options
+    naming the same attribute make every completion fail (or overwrite the status), so the
+    record stays in progress and the retry after the lease runs the handler again.
+    """
+    seen: dict[str, str] = {}
+    for option, name in names.items():
+        if name is None and option == "sort_key_attr":
+            continue
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{option} must be a non-empty attribute name, got {name!r}")
+        if name in seen:
+            raise ValueError(f"{option} and {seen[name]} must differ (both are {name!r})")
+        seen[name] = option

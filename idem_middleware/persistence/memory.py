@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import ClassVar
 
@@ -37,6 +38,16 @@ class InMemoryPersistenceLayer(BasePersistenceLayer):
         super().__init__()
         if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
             raise ValueError(f"max_items must be a positive int, got {max_items!r}")
+        if (
+            isinstance(sweep_interval_seconds, bool)
+            or not isinstance(sweep_interval_seconds, int | float)
+            or not 0 <= sweep_interval_seconds < math.inf
+        ):
+            # Checked here: a bad value would fail every claim (a 500), or never sweep (nan).
+            raise ValueError(
+                "sweep_interval_seconds must be a finite, non-negative number of seconds, "
+                f"got {sweep_interval_seconds!r}"
+            )
         self.max_items = max_items
         # Insertion-ordered: the first records are the oldest claims.
         self._records: dict[str, DataRecord] = {}
@@ -76,6 +87,11 @@ class InMemoryPersistenceLayer(BasePersistenceLayer):
         with self._lock:
             self._check_lease(data_record)
             self._records[data_record.idempotency_key] = data_record
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        with self._lock:
+            self._check_lease(lease)
+            self._records[lease.idempotency_key] = renewed
 
     def _delete_record(self, data_record: DataRecord) -> None:
         with self._lock:

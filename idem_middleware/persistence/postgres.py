@@ -11,15 +11,17 @@ committed after the statement's snapshot was taken is seen by the conflict check
 in the same statement, which then returns neither a claim nor a record; it is simply run again,
 with a snapshot that sees the row (or its absence).
 
-Completion and release are fenced on the lease token (``in_progress_expiration``), as in the
-DynamoDB layer, whose attribute names the columns mirror. Expired rows are deleted in short
-batches by a background thread, at most every ``purge_interval_seconds``, never on a request.
+Completion, lease renewal and release are fenced on the lease token (``in_progress_expiration``
+and ``lease_id``), as in the DynamoDB layer, whose attribute names the columns mirror. Expired
+rows are deleted in short batches by a background thread, at most every
+``purge_interval_seconds``, never on a request.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import threading
@@ -50,7 +52,7 @@ from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 
 logger = logging.getLogger(__name__)
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _COLUMNS = "id, status, expiration, in_progress_expiration, data, validation, lease_id"
 #: A claim that finds neither a claim nor a record has met a row committed after its snapshot;
 #: each rerun sees everything committed before it starts, so more than a few means a fault.
@@ -104,21 +106,34 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             raise ValueError("pass either conninfo or pool (exactly one)")
         if pool is not None and not callable(getattr(pool, "connection", None)):
             raise TypeError("pool must lend connections through a connection() context manager")
-        if not _IDENTIFIER.match(table_name):
+        if not isinstance(table_name, str) or not _IDENTIFIER.fullmatch(table_name):
             raise ValueError(f"table_name must be a plain SQL identifier, got {table_name!r}")
-        if schema is not None and not _IDENTIFIER.match(schema):
+        if schema is not None and (
+            not isinstance(schema, str) or not _IDENTIFIER.fullmatch(schema)
+        ):
             raise ValueError(f"schema must be a plain SQL identifier, got {schema!r}")
-        if min_pool_size < 0 or max_pool_size < max(1, min_pool_size):
-            raise ValueError("need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1")
-        if pool_timeout_seconds <= 0:
+        if not (
+            _is_int(min_pool_size)
+            and _is_int(max_pool_size)
+            and min_pool_size >= 0
+            and max_pool_size >= max(1, min_pool_size)
+        ):
+            raise ValueError(
+                "need integers 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, "
+                f"got min_pool_size={min_pool_size!r}, max_pool_size={max_pool_size!r}"
+            )
+        # Finite numbers only: nan passes every "<= 0" check, then fails or disables each use.
+        if not _is_finite(pool_timeout_seconds) or pool_timeout_seconds <= 0:
             raise ValueError("pool_timeout_seconds must be > 0")
-        if connect_timeout_seconds < 1:
+        if not _is_finite(connect_timeout_seconds) or connect_timeout_seconds < 1:
             raise ValueError("connect_timeout_seconds must be >= 1")
-        if statement_timeout_seconds is not None and statement_timeout_seconds <= 0:
+        if statement_timeout_seconds is not None and (
+            not _is_finite(statement_timeout_seconds) or statement_timeout_seconds <= 0
+        ):
             raise ValueError("statement_timeout_seconds must be > 0 (or None for no limit)")
-        if purge_interval_seconds <= 0:
+        if not _is_finite(purge_interval_seconds) or purge_interval_seconds <= 0:
             raise ValueError("purge_interval_seconds must be > 0")
-        if purge_batch_size < 1:
+        if not _is_int(purge_batch_size) or purge_batch_size < 1:
             raise ValueError("purge_batch_size must be >= 1")
 
         self.conninfo = conninfo
@@ -209,6 +224,11 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
             " AND lease_id IS NOT DISTINCT FROM %(lease_id)s"
         )
+        self._sql_renew = render(
+            "UPDATE {t} SET in_progress_expiration = %(renewed)s, expiration = %(expiration)s"
+            " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
+            " AND lease_id IS NOT DISTINCT FROM %(lease_id)s"
+        )
         self._sql_release = render(
             "DELETE FROM {t}"
             " WHERE id = %(id)s AND status = %(inprogress)s AND in_progress_expiration = %(lease)s"
@@ -295,6 +315,22 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         if updated != 1:
             raise IdempotencyLeaseLostError(data_record.idempotency_key)
 
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        with self._store_errors("lease renewal"), self._connection() as connection:
+            updated = connection.execute(
+                self._sql_renew,
+                {
+                    "id": lease.idempotency_key,
+                    "renewed": renewed.in_progress_expiry_timestamp,
+                    "expiration": renewed.expiry_timestamp,
+                    "inprogress": STATUS_INPROGRESS,
+                    "lease": lease.in_progress_expiry_timestamp,
+                    "lease_id": lease.lease_id,
+                },
+            ).rowcount
+        if updated != 1:
+            raise IdempotencyLeaseLostError(lease.idempotency_key)
+
     def _delete_record(self, data_record: DataRecord) -> None:
         with self._store_errors("release"), self._connection() as connection:
             deleted = connection.execute(
@@ -348,7 +384,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                 (self._regclass_name(),),
             ).fetchone()
         if row is None or not row[0]:
-            raise IdempotencyPersistenceLayerError(
+            raise StoreNotAuthorisedError(
                 f"the PostgreSQL role on {self.location} may not use table "
                 f"{self.qualified_name}: GRANT SELECT, INSERT, UPDATE, DELETE ON it"
             )
@@ -359,7 +395,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         try:
             return psycopg.connect(self.conninfo, **self._connect_kwargs())
         except psycopg.OperationalError as exc:
-            raise IdempotencyPersistenceLayerError(
+            raise _connection_error_type(exc)(
                 f"cannot connect to PostgreSQL {self.location}: {exc} "
                 "(check the conninfo's host, port, dbname and user, and that the server runs)"
             ) from exc
@@ -461,7 +497,8 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         if self.statement_timeout_seconds is not None:
             connection.execute(
                 "SELECT set_config('statement_timeout', %s, false)",
-                (f"{int(self.statement_timeout_seconds * 1000)}ms",),
+                # At least 1 ms: PostgreSQL reads "0ms" as no timeout at all.
+                (f"{max(1, math.ceil(self.statement_timeout_seconds * 1000))}ms",),
             )
 
     @contextmanager
@@ -534,6 +571,31 @@ def _is_connection_failure(exc: psycopg.Error) -> bool:
     )
 
 
+def _connection_error_type(exc: psycopg.OperationalError) -> type[IdempotencyPersistenceLayerError]:
+    """What a failed connection says of the store: a refused role or password, a database that
+    does not exist, or no answer at all.
+
+    libpq reports a failed connection without its SQLSTATE, so the server's message is read;
+    a server set to another language for ``lc_messages`` is then told apart less finely, as
+    unreachable, its own message still in the error.
+    """
+    sqlstate = exc.sqlstate or ""
+    message = str(exc)
+    if sqlstate.startswith("28") or any(sign in message for sign in _REFUSED_LOGIN):
+        return StoreNotAuthorisedError
+    if sqlstate == "3D000" or ('FATAL:  database "' in message and "does not exist" in message):
+        return StoreNotFoundError
+    return StoreUnreachableError
+
+
+_REFUSED_LOGIN = (
+    "password authentication failed",
+    'FATAL:  role "',
+    "no pg_hba.conf entry",
+    "authentication failed",
+)
+
+
 def _describe(params: Mapping[str, Any]) -> str:
     """Where the connection goes, for messages: host, port and database, never the password."""
     host = params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "localhost"
@@ -564,3 +626,11 @@ def _reset_locks_at_fork(layer: PostgresPersistenceLayer) -> None:
             target._next_purge = 0.0
 
     os.register_at_fork(after_in_child=after_in_child)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -4,10 +4,11 @@ Each record is one Redis hash whose fields mirror the DynamoDB attributes (``sta
 ``expiration``, ``in_progress_expiration``, ``data``, ``validation``, ``lease_id``). Every
 operation touches that one key only, so the layout also satisfies Redis Cluster's single-slot
 rule for scripts. The claim is a Lua script that creates the record, takes over a dead one, or
-returns the live one it found, in one round trip; completion and release are Lua compare-and-set
-operations on the status and the lease (``lease_id`` and ``in_progress_expiration``; a record
-written before lease ids existed has no ``lease_id`` and is fenced on ``in_progress_expiration``
-alone). Keys carry a native expiry, so Redis itself discards old records.
+returns the live one it found, in one round trip; completion, lease renewal and release are Lua
+compare-and-set operations on the status and the lease (``lease_id`` and
+``in_progress_expiration``; a record written before lease ids existed has no ``lease_id`` and is
+fenced on ``in_progress_expiration`` alone). Keys carry a native expiry, so Redis itself
+discards old records.
 
 "Now" is passed into every script from the layer's clock (never Redis ``TIME``), so the expiry
 logic is the same as the other layers' and tests can move time.
@@ -97,6 +98,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[8])
 return 1
 """
 
+# KEYS[1] record key. ARGV: INPROGRESS, in_progress_expiration, lease id ("" for none),
+# renewed in_progress_expiration, renewed expiration, ttl (ms).
+# Returns 1 when renewed, 0 when the lease is no longer held.
+_RENEW_SCRIPT = """
+local current = redis.call('HMGET', KEYS[1], 'status', 'in_progress_expiration', 'lease_id')
+if current[1] ~= ARGV[1] or current[2] ~= ARGV[2] or (current[3] or '') ~= ARGV[3] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'in_progress_expiration', ARGV[4], 'expiration', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return 1
+"""
+
 # KEYS[1] record key. ARGV: INPROGRESS, in_progress_expiration, lease id ("" for none).
 # Returns 1 when deleted, 0 when the lease is not held.
 _RELEASE_SCRIPT = """
@@ -145,6 +159,7 @@ class RedisPersistenceLayer(BasePersistenceLayer):
         self.key_namespace = key_namespace
         self._claim: Script = client.register_script(_CLAIM_SCRIPT)
         self._complete: Script = client.register_script(_COMPLETE_SCRIPT)
+        self._renew: Script = client.register_script(_RENEW_SCRIPT)
         self._release: Script = client.register_script(_RELEASE_SCRIPT)
 
     def redis_key(self, idempotency_key: str) -> str:
@@ -208,6 +223,24 @@ class RedisPersistenceLayer(BasePersistenceLayer):
             self._raise_store_error("completion", exc)
         if completed != 1:
             raise IdempotencyLeaseLostError(data_record.idempotency_key)
+
+    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        try:
+            done = self._renew(
+                keys=[self.redis_key(lease.idempotency_key)],
+                args=[
+                    STATUS_INPROGRESS,
+                    _number(lease.in_progress_expiry_timestamp),
+                    lease.lease_id or "",
+                    _number(renewed.in_progress_expiry_timestamp),
+                    _number(renewed.expiry_timestamp),
+                    self._ttl_ms(renewed, self.clock()),
+                ],
+            )
+        except RedisError as exc:
+            self._raise_store_error("lease renewal", exc)
+        if done != 1:
+            raise IdempotencyLeaseLostError(lease.idempotency_key)
 
     def _delete_record(self, data_record: DataRecord) -> None:
         try:

@@ -104,8 +104,10 @@ def _redis(layer: LayerClass, parts: SplitResult, options: dict[str, Any]) -> Ba
 def _postgres(
     layer: LayerClass, parts: SplitResult, options: dict[str, Any]
 ) -> BasePersistenceLayer:
-    # No host is libpq's default (a local socket); the database may come from PGDATABASE too.
-    return layer(urlunsplit(parts), **options)
+    # No host is libpq's default (a local socket), and urlunsplit would drop the empty
+    # authority ("postgresql:///db" -> "postgresql:/db"): the URL is put back together by hand.
+    url = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return layer(f"{url}?{parts.query}" if parts.query else url, **options)
 
 
 def _dynamodb(
@@ -185,6 +187,10 @@ _CLIENT_PARAMETERS: dict[str, Converter] = {
 }
 
 
+_MEMORY_PARAMETERS: dict[str, Converter] = {
+    "max_items": _count,
+    "sweep_interval_seconds": _number,
+}
 _SQLITE_PARAMETERS: dict[str, Converter] = {
     "table_name": str,
     "busy_timeout_seconds": _number,
@@ -212,7 +218,9 @@ _PERSISTENCE = "idem_middleware.persistence"
 #: One line per scheme. A backend whose constructor takes the URL itself (Redis, PostgreSQL)
 #: gets it whole, its query included: the client library reads it.
 _SCHEMES: dict[str, _Scheme] = {
-    "memory": _Scheme(f"{_PERSISTENCE}.memory", "InMemoryPersistenceLayer", _memory),
+    "memory": _Scheme(
+        f"{_PERSISTENCE}.memory", "InMemoryPersistenceLayer", _memory, _MEMORY_PARAMETERS
+    ),
     "sqlite": _Scheme(
         f"{_PERSISTENCE}.sqlite", "SQLitePersistenceLayer", _sqlite, _SQLITE_PARAMETERS
     ),

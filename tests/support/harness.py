@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from idem_middleware.persistence import (
     BasePersistenceLayer,
     InMemoryPersistenceLayer,
     SQLitePersistenceLayer,
+    from_url,
 )
 
 Headers = list[tuple[str, str]]
@@ -144,6 +147,16 @@ def build_asgi_app(state: AppState) -> Starlette:
             headers={"X-Stream": str(state.calls["stream"])},
         )
 
+    async def slow(req: Request) -> StarletteResponse:
+        seconds, gate, key = _slow_options(req.query_params, req.headers)
+        _log_run("start", key)
+        deadline = time.monotonic() + seconds
+        # The gate is a file another process creates: polled, there is nothing to await.
+        while time.monotonic() < deadline and not (gate and os.path.exists(gate)):  # noqa: ASYNC110, ASYNC240
+            await asyncio.sleep(0.02)
+        _log_run("end", key)
+        return JSONResponse(_slow_result(), status_code=201)
+
     async def health(req: Request) -> StarletteResponse:
         return JSONResponse({"status": "ok", "pid": os.getpid()})
 
@@ -153,6 +166,7 @@ def build_asgi_app(state: AppState) -> Starlette:
     return Starlette(
         routes=[
             Route("/stream", stream, methods=["POST"]),
+            Route("/slow", slow, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/_stats", stats, methods=["GET"]),
             Route("/orders", orders, methods=["POST", "PATCH", "PUT"]),
@@ -259,6 +273,16 @@ def build_wsgi_app(state: AppState) -> Flask:
             events(), mimetype="text/event-stream", headers={"X-Stream": str(state.calls["stream"])}
         )
 
+    @app.post("/slow")
+    def slow() -> Any:
+        seconds, gate, key = _slow_options(request.args, request.headers)
+        _log_run("start", key)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (gate and os.path.exists(gate)):
+            time.sleep(0.02)
+        _log_run("end", key)
+        return _slow_result(), 201
+
     @app.get("/health")
     def health() -> Any:
         return {"status": "ok", "pid": os.getpid()}
@@ -281,22 +305,82 @@ def _event(n: int) -> bytes:
     return f"id: {n}\ndata: event {n}\n\n".encode()
 
 
-def _server_layer() -> BasePersistenceLayer:
-    """The store of an app served by a real server: ``IDEM_HARNESS_STORE`` is ``memory`` or
-    ``sqlite:<path>``.
+def _slow_options(params: Any, headers: Any) -> tuple[float, str | None, str]:
+    """``/slow?seconds=S&gate=PATH``: a handler that runs S seconds (default 4), or until the
+    file PATH exists; the third value is the request's idempotency key, for the run log.
     """
+    return (
+        float(params.get("seconds", "4")),
+        params.get("gate"),
+        headers.get("idempotency-key", "-"),
+    )
+
+
+def _log_run(event: str, key: str) -> None:
+    """Append ``<event> <key> <pid>`` to the file ``IDEM_HARNESS_RUN_LOG`` names: every worker
+    process of a server appends to the same file, so a test counts how many times a handler
+    started and ended, and in which process. One short ``O_APPEND`` write: lines never mix.
+    """
+    path = os.environ.get("IDEM_HARNESS_RUN_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{event} {key} {os.getpid()}\n")
+
+
+def _slow_result() -> dict[str, Any]:
+    # A fresh id per run: a replay carries the first run's, a second run another.
+    return {"run": uuid.uuid4().hex, "pid": os.getpid()}
+
+
+def _server_layer() -> BasePersistenceLayer:
+    """The store of an app served by a real server: ``IDEM_STORE_URL`` (any
+    :func:`~idem_middleware.persistence.from_url` URL) when set, else ``IDEM_HARNESS_STORE``,
+    ``memory`` or ``sqlite:<path>``.
+    """
+    url = os.environ.get("IDEM_STORE_URL")
+    if url:
+        return from_url(url)
     store = os.environ.get("IDEM_HARNESS_STORE", "memory")
     if store.startswith("sqlite:"):
         return SQLitePersistenceLayer(store.removeprefix("sqlite:"))
     return InMemoryPersistenceLayer()
 
 
+def _server_config() -> IdempotencyConfig:
+    """The defaults, but for the lease (``IDEM_HARNESS_LEASE_SECONDS``) and the wait of a
+    duplicate (``IDEM_HARNESS_CONFLICT_WAIT_SECONDS``) when set.
+    """
+    options: dict[str, Any] = {}
+    lease = os.environ.get("IDEM_HARNESS_LEASE_SECONDS")
+    if lease:
+        options["in_progress_expires_after_seconds"] = int(lease)
+    wait = os.environ.get("IDEM_HARNESS_CONFLICT_WAIT_SECONDS")
+    if wait:
+        options["conflict_wait_seconds"] = float(wait)
+    return IdempotencyConfig(**options)
+
+
+def _server_logging() -> None:
+    """With ``LOG_LEVEL`` set, the middleware's decisions go to stderr (the server's log),
+    each line naming the worker's pid.
+    """
+    level = os.environ.get("LOG_LEVEL")
+    logger = logging.getLogger("idem_middleware")
+    if not level or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def asgi_server_app() -> IdempotencyMiddleware:
     """The ASGI harness app for a real server:
     ``uvicorn --factory tests.support.harness:asgi_server_app``.
     """
+    _server_logging()
     return IdempotencyMiddleware(
-        build_asgi_app(AppState()), persistence_layer=_server_layer(), config=IdempotencyConfig()
+        build_asgi_app(AppState()), persistence_layer=_server_layer(), config=_server_config()
     )
 
 
@@ -304,9 +388,10 @@ def wsgi_server_app() -> Flask:
     """The WSGI harness app for a real server:
     ``gunicorn 'tests.support.harness:wsgi_server_app()'``.
     """
+    _server_logging()
     flask_app = build_wsgi_app(AppState())
     flask_app.wsgi_app = IdempotencyWSGIMiddleware(  # type: ignore[method-assign]
-        flask_app.wsgi_app, persistence_layer=_server_layer(), config=IdempotencyConfig()
+        flask_app.wsgi_app, persistence_layer=_server_layer(), config=_server_config()
     )
     return flask_app
 
@@ -387,3 +472,16 @@ class Harness:
             headers=[(name.lower(), value) for name, value in response.headers.multi_items()],
             body=response.content,
         )
+
+
+def assert_problem(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    """The reply is the RFC 9457 problem this package answers with; returns its document."""
+    assert reply.status == status, reply.body
+    assert reply.header("content-type") == "application/problem+json"
+    problem: dict[str, Any] = reply.json()
+    assert problem["status"] == status
+    assert problem["code"] == code
+    assert problem["type"].endswith(code)
+    assert problem["title"]
+    assert problem["detail"]
+    return problem

@@ -19,21 +19,34 @@ PROG = "make demo"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tooling.demo",
-        description="Start the example FastAPI app under uvicorn, then the Flask app under "
-        "gunicorn, on free localhost ports; send a payment, 20 concurrent retries, a reused key "
-        "and a late retry; show what each step did and whether the card was charged once.",
+        description="Start the example FastAPI app under uvicorn (duplicates of a request in "
+        "flight wait for its answer), then the Flask app under gunicorn (they get 409), on free "
+        "localhost ports; send a payment, 20 concurrent retries, a reused key and a late retry, "
+        "then a streamed CSV export and its retry; show what each step did and whether the card "
+        "was charged once.",
         epilog='examples:\n  make demo\n  make demo DEMO_ARGS="--store dynamodb --endpoint-url '
         'http://localhost:8000"\n  make demo DEMO_ARGS="--store redis --redis-url '
-        'redis://localhost:6379/0"\n  make demo DEMO_ARGS="--store redis-local"',
+        'redis://localhost:6379/0"\n  make demo DEMO_ARGS="--store redis-local"\n  '
+        'make demo DEMO_ARGS="--store postgres"',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--store",
-        choices=("sqlite", "memory", "dynamodb", "redis", "dynamodb-local", "redis-local"),
+        choices=(
+            "sqlite",
+            "memory",
+            "dynamodb",
+            "redis",
+            "postgres",
+            "dynamodb-local",
+            "redis-local",
+        ),
         default="sqlite",
         help="the idempotency store (default: %(default)s, a temporary file that needs no "
         "service); dynamodb-local and redis-local start DynamoDB Local or a redis-server for the "
-        "demo and stop it after",
+        "demo and stop it after; postgres makes a table of its own on the server at "
+        f"IDEM_DEMO_POSTGRES_DSN (default {stores.DEFAULT_POSTGRES_DSN}, or a private server "
+        "when none answers there) and drops it after",
     )
     parser.add_argument(
         "--table",
@@ -72,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 store = stores.sqlite()
             elif args.store == "redis":
                 store = stores.redis(args.redis_url)
+            elif args.store == "postgres":
+                store = stores.postgres(services)
             elif args.store == "redis-local":
                 store = stores.redis_local(services)
             elif args.store == "dynamodb-local":

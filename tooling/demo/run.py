@@ -34,6 +34,10 @@ from tooling.servers import Server, ServerStartError, start_gunicorn, start_uvic
 #: request, short enough for a quick demo.
 CHARGE_DELAY_SECONDS = 0.5
 CONCURRENT_RETRIES = 20
+#: Between two lines of the streamed export: slow enough to see the lines arrive one by one.
+EXPORT_LINE_DELAY_SECONDS = 0.15
+#: How long a duplicate may wait for the first request's answer, on the server that allows it.
+CONFLICT_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class Deployment:
     app: str
     workers: int = 1
     threads: int = 1
+    #: ``IDEM_CONFLICT_WAIT_SECONDS``: 0, a duplicate of a request in flight gets 409 at once.
+    conflict_wait_seconds: float = 0
 
     def start(self, root: Path, env: Mapping[str, str], log_dir: Path) -> Server:
         if self.server == "uvicorn":
@@ -64,7 +70,13 @@ class Deployment:
 def deployments(store: DemoStore) -> list[Deployment]:
     workers, threads = (2, 4) if store.shared_by_processes else (1, 8)
     return [
-        Deployment("FastAPI on uvicorn", "uvicorn", "example_apps.fastapi_app:app"),
+        # Waiting duplicates hold no thread under ASGI: the 20 retries wait on the event loop.
+        Deployment(
+            f"FastAPI on uvicorn (duplicates wait up to {CONFLICT_WAIT_SECONDS:g} s)",
+            "uvicorn",
+            "example_apps.fastapi_app:app",
+            conflict_wait_seconds=CONFLICT_WAIT_SECONDS,
+        ),
         Deployment(
             f"Flask on gunicorn ({workers} worker process{'es' if workers > 1 else ''}, "
             f"{threads} threads each)",
@@ -96,9 +108,12 @@ def _introduce(console: Console, store: DemoStore) -> None:
     console.print(Text("idem-middleware demo", style="bold"))
     console.print(
         "A payments API whose POST /payments charges a card (it takes "
-        f"{CHARGE_DELAY_SECONDS:g} s). Clients retry such requests: on a timeout, a lost "
-        "connection, a double click. With the same Idempotency-Key, the middleware must let the "
-        "card be charged once, and answer every retry as the first request was answered."
+        f"{CHARGE_DELAY_SECONDS:g} s) and whose POST /exports streams a CSV export line by "
+        "line. Clients retry such requests: on a timeout, a lost connection, a double click. "
+        "With the same Idempotency-Key, the middleware must let the card be charged once, "
+        "stream the export as it is produced, and answer every retry as the first request was "
+        "answered: a retry that comes while the first still runs gets 409 (try later), or, on a "
+        "server that lets duplicates wait, the first request's answer as soon as it is ready."
     )
     console.print(f"Idempotency store: {store.description}")
     console.print()
@@ -116,7 +131,10 @@ def _run_one(
         "IDEM_STORE_URL": store.url(work, index),
         "EXAMPLE_LEDGER_PATH": str(work / f"ledger-{index}.sqlite3"),
         "EXAMPLE_CHARGE_DELAY_SECONDS": str(CHARGE_DELAY_SECONDS),
+        "EXAMPLE_EXPORT_LINE_DELAY_SECONDS": str(EXPORT_LINE_DELAY_SECONDS),
     }
+    if deployment.conflict_wait_seconds > 0:
+        env["IDEM_CONFLICT_WAIT_SECONDS"] = str(deployment.conflict_wait_seconds)
     with console.status(f"Starting {deployment.title} …"):
         try:
             server = deployment.start(root, env, work)
@@ -130,6 +148,7 @@ def _run_one(
                     server.base_url,
                     concurrent_retries=CONCURRENT_RETRIES,
                     retries_after_seconds=CHARGE_DELAY_SECONDS * 0.4,
+                    conflict_wait_seconds=deployment.conflict_wait_seconds,
                 )
             )
         title = f"{index}. {deployment.title} - {server.base_url}"
@@ -175,8 +194,8 @@ def _verdict(console: Console, results: list[tuple[Deployment, list[Check]]]) ->
     if not failed:
         console.print(
             Text(
-                f"✓ All {len(checks)} expectations held: one charge per payment, and every "
-                "retry got the first answer.",
+                f"✓ All {len(checks)} expectations held: one charge per payment, one export "
+                "per key, and every retry got the first answer.",
                 style="bold green",
             )
         )

@@ -1,8 +1,11 @@
 """What the demo does to one running payments server, and what it expects to see.
 
 One payment request, then the retries real clients send: many at once while the first is still
-charging the card, one with a changed body under the same key, one after the first has
-completed. Every step yields a :class:`Check`: what idempotency promises, what the server did.
+charging the card (answered 409, or, on a server that lets duplicates wait, held until the
+first completes and answered with its response), one with a changed body under the same key,
+one after the first has completed. Then a streamed CSV export, read as it arrives, and its
+retry, which gets the whole stream back. Every step yields a :class:`Check`: what idempotency
+promises, what the server did.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ CHANGED_PAYMENT = {**PAYMENT, "amount": 9900}
 REPLAY_HEADER = "idempotent-replayed"
 # Fields that describe one transmission: a replay legitimately carries fresh ones.
 PER_TRANSMISSION_HEADERS = frozenset({"date", "server", "connection", "keep-alive", REPLAY_HEADER})
+# How a body is framed: a stream goes out chunked, its replay in one piece.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
 
 
 @dataclass(frozen=True)
@@ -46,21 +51,51 @@ def _problem_code(response: httpx.Response) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def _end_to_end_headers(response: httpx.Response) -> list[tuple[str, str]]:
+def _end_to_end_headers(
+    response: httpx.Response, ignored: frozenset[str] = PER_TRANSMISSION_HEADERS
+) -> list[tuple[str, str]]:
     return sorted(
-        (name, value)
-        for name, value in response.headers.multi_items()
-        if name not in PER_TRANSMISSION_HEADERS
+        (name, value) for name, value in response.headers.multi_items() if name not in ignored
     )
 
 
-def _is_replay_of(response: httpx.Response, first: httpx.Response) -> bool:
+def _is_replay_of(
+    response: httpx.Response, first: httpx.Response, *, streamed: bool = False
+) -> bool:
     """Byte for byte the first response (status, body, end-to-end headers), marked a replay."""
+    ignored = PER_TRANSMISSION_HEADERS | FRAMING_HEADERS if streamed else PER_TRANSMISSION_HEADERS
     return (
         response.headers.get(REPLAY_HEADER) == "true"
         and response.status_code == first.status_code
         and response.content == first.content
-        and _end_to_end_headers(response) == _end_to_end_headers(first)
+        and _end_to_end_headers(response, ignored) == _end_to_end_headers(first, ignored)
+    )
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A response read chunk by chunk as it arrived: when the first came, when it ended."""
+
+    response: httpx.Response  # with the whole body
+    chunks: int
+    first_chunk: bytes
+    first_seconds: float
+    total_seconds: float
+
+
+async def _read_streamed(client: httpx.AsyncClient, path: str, headers: dict[str, str]) -> Streamed:
+    started = time.monotonic()
+    chunks: list[bytes] = []
+    first_seconds = 0.0
+    async with client.stream("POST", path, headers=headers) as response:
+        async for chunk in response.aiter_raw():
+            if chunk and not chunks:
+                first_seconds = time.monotonic() - started
+            if chunk:
+                chunks.append(chunk)
+    whole = httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks))
+    return Streamed(
+        whole, len(chunks), chunks[0] if chunks else b"", first_seconds, time.monotonic() - started
     )
 
 
@@ -75,11 +110,14 @@ async def exercise(
     user: str = "demo",
     concurrent_retries: int = 20,
     retries_after_seconds: float = 0.2,
+    conflict_wait_seconds: float = 0,
 ) -> list[Check]:
-    """Run the five steps against the payments API at ``base_url``.
+    """Run the seven steps against the payments API at ``base_url``.
 
     The concurrent retries are sent ``retries_after_seconds`` after the first request, which
     must be less than the server's card delay so that they arrive while it is in flight.
+    ``conflict_wait_seconds`` is the server's (``IDEM_CONFLICT_WAIT_SECONDS``): above 0, each
+    of them must wait for the first to complete and get its answer, never a 409.
     """
     key = f"demo-{uuid.uuid4().hex[:16]}"
     headers = {
@@ -96,10 +134,16 @@ async def exercise(
         async def post(content: bytes) -> httpx.Response:
             return await client.post("/payments", headers=headers, content=content)
 
+        async def timed_post(content: bytes) -> tuple[httpx.Response, float]:
+            sent = time.monotonic()
+            response = await post(content)
+            return response, time.monotonic() - sent
+
         started = time.monotonic()
         first_request = asyncio.ensure_future(post(body))
         await asyncio.sleep(retries_after_seconds)
-        retries = await asyncio.gather(*(post(body) for _ in range(concurrent_retries)))
+        timed = await asyncio.gather(*(timed_post(body) for _ in range(concurrent_retries)))
+        retries = [response for response, _ in timed]
         first = await first_request
         first_seconds = time.monotonic() - started
 
@@ -113,7 +157,8 @@ async def exercise(
             )
         )
 
-        # 2. Retries while it runs: each waits its turn (409) or gets the stored answer.
+        # 2. Retries while it runs: each waits its turn (409) or gets the stored answer; on a
+        # server that lets duplicates wait, each is held until the first completes.
         in_use = sum(
             1
             for r in retries
@@ -128,19 +173,27 @@ async def exercise(
             if not _is_replay_of(r, first)
             and not (r.status_code == 409 and _problem_code(r) == "idempotency_key_in_use")
         )
-        observed = f"{in_use} got 409 idempotency_key_in_use, {replayed} a replay"
+        if conflict_wait_seconds > 0:
+            longest = max(seconds for _, seconds in timed)
+            observed = f"{replayed} waited (up to {longest:.2f} s) and got a replay, {in_use} a 409"
+            step = (
+                f"{concurrent_retries} retries at once, while the first still runs; they may "
+                f"wait up to {conflict_wait_seconds:g} s"
+            )
+            expected = (
+                "each waits for the first to complete, then gets its answer (a replay), no 409"
+            )
+            ok = replayed == concurrent_retries
+        else:
+            observed = f"{in_use} got 409 idempotency_key_in_use, {replayed} a replay"
+            step = f"{concurrent_retries} retries at once, while the first still runs"
+            expected = "each gets 409 (try later) or a replay of the first answer"
+            ok = in_use + replayed == concurrent_retries
         if others:
             observed += "; unexpected: " + ", ".join(
                 f"{n} got {what}" for what, n in others.items()
             )
-        checks.append(
-            Check(
-                f"{concurrent_retries} retries at once, while the first still runs",
-                "each gets 409 (try later) or a replay of the first answer",
-                observed,
-                in_use + replayed == concurrent_retries,
-            )
-        )
+        checks.append(Check(step, expected, observed, ok))
 
         # 3. The same key with another body is a client bug, never a second payment.
         changed = await post(_body(CHANGED_PAYMENT))
@@ -171,16 +224,55 @@ async def exercise(
             )
         )
 
-        # 5. The ledger says how often the handler really ran.
-        total = 2 + concurrent_retries + 1
-        stats = await client.get("/_stats")
-        created = stats.json().get("payments_created") if stats.status_code == 200 else None
+        # 5. A streamed export goes out as it is produced, not once it is complete.
+        export_headers = {**headers, "Idempotency-Key": f"{key}-export"}
+        del export_headers["Content-Type"]
+        export = await _read_streamed(client, "/exports", export_headers)
+        lines = export.response.content.count(b"\n")
         checks.append(
             Check(
-                "GET /_stats: how often the handler charged a card",
-                f"once, for these {total} POSTs",
-                f"payments_created: {created}",
-                created == 1,
+                "POST /exports: a CSV export, streamed as it is produced",
+                "201; the first line arrives before the export is complete",
+                f"{_describe(export.response)}, first line after {export.first_seconds:.2f} s, "
+                f"all {lines} lines after {export.total_seconds:.2f} s ({export.chunks} chunks)",
+                export.response.status_code == 201
+                and REPLAY_HEADER not in export.response.headers
+                and export.chunks > 1
+                and len(export.first_chunk) < len(export.response.content),
+            )
+        )
+
+        # 6. Its retry gets the whole stream back.
+        again = await _read_streamed(client, "/exports", export_headers)
+        same = _is_replay_of(again.response, export.response, streamed=True)
+        checks.append(
+            Check(
+                "the same export, retried after it completed",
+                "the whole export at once, byte for byte, marked Idempotent-Replayed: true",
+                f"{again.response.status_code}, Idempotent-Replayed: "
+                f"{again.response.headers.get(REPLAY_HEADER) or '(absent)'}, "
+                + (
+                    f"same export ({len(again.response.content)} bytes) in "
+                    f"{again.total_seconds:.2f} s"
+                    if same
+                    else "headers or body differ"
+                ),
+                same,
+            )
+        )
+
+        # 7. The ledger says how often the handlers really ran.
+        total = 2 + concurrent_retries + 1
+        stats = await client.get("/_stats")
+        counts = stats.json() if stats.status_code == 200 else {}
+        created = counts.get("payments_created")
+        exports = counts.get("exports_created")
+        checks.append(
+            Check(
+                "GET /_stats: how often the handlers charged a card and built an export",
+                f"one charge for these {total} payment POSTs, one export for the 2 export POSTs",
+                f"payments_created: {created}, exports_created: {exports}",
+                created == 1 and exports == 1,
             )
         )
     return checks
