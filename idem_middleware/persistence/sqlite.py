@@ -330,22 +330,6 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             },
         )
 
-    def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
-        with self._store_errors("lease renewal"):
-            cursor = self._connection().execute(
-                self._sql_renew,
-                {
-                    "id": lease.idempotency_key,
-                    "renewed": renewed.in_progress_expiry_timestamp,
-                    "expiration": renewed.expiry_timestamp,
-                    "inprogress": STATUS_INPROGRESS,
-                    "lease": lease.in_progress_expiry_timestamp,
-                    "lease_id": lease.lease_id,
-                },
-            )
-        if cursor.rowcount != 1:
-            raise IdempotencyLeaseLostError(lease.idempotency_key)
-
     def _delete_record(self, data_record: DataRecord) -> None:
         self._fenced_write(
             "release",
