@@ -74,7 +74,21 @@ def served_app() -> Starlette:
     from idem_middleware import IdempotencyMiddleware
 
     layer = persistence_layer_from_env()
+    if os.environ.get("BENCH_STORE_THREADS") == "on":
+        layer.native_async = False  # a store with a native async path, run in threads instead
     return build_starlette([Middleware(IdempotencyMiddleware, persistence_layer=layer)])
+
+
+def served_peer_redis_app() -> Starlette:
+    """The Starlette app behind asgi-idempotency-header with its ``redis.asyncio`` backend on
+    ``BENCH_PEER_REDIS_URL``: ``uvicorn --factory benchmarks.apps:served_peer_redis_app``.
+    """
+    import redis.asyncio
+    from idempotency_header_middleware import IdempotencyHeaderMiddleware
+    from idempotency_header_middleware.backends.redis import RedisBackend
+
+    backend = RedisBackend(redis.asyncio.Redis.from_url(os.environ["BENCH_PEER_REDIS_URL"]))
+    return build_starlette([Middleware(IdempotencyHeaderMiddleware, backend=backend)])
 
 
 def flask_bare() -> WSGIApplication:

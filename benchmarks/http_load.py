@@ -2,8 +2,10 @@
 
 Section 3 serves the Starlette app of ``benchmarks.apps`` on uvicorn (one worker) and the Flask
 example app on gunicorn (one worker, ``gthread``), bare and with the middleware over the memory,
-SQLite and DynamoDB Local stores, and loads each with 32 keep-alive connections over loopback:
-new keys, then replays of keys created beforehand.
+SQLite, DynamoDB Local and Redis stores, and loads each with 32 keep-alive connections over
+loopback: new keys, then replays of keys created beforehand. On Starlette, Redis also runs with
+its store calls in worker threads (its native asyncio path off) and under asgi-idempotency-header
+with its ``redis.asyncio`` backend, on the same private redis-server.
 
 Section 4 asks whether store I/O ever holds up the event loop: while 32 connections keep
 DynamoDB-bound covered requests in flight, a probe sends ``GET /health`` (not covered) one at a
@@ -22,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,12 @@ REPLAY_KEYS = 500
 PAYMENT_BODY = b'{"amount":1250,"currency":"EUR"}'
 # "sqlite": synchronous=FULL, the default (a completed record survives a power cut);
 # "sqlite-normal": synchronous=NORMAL (may lose the last commits on power loss, not on a crash).
-STORES = ("memory", "sqlite", "sqlite-normal", "dynamodb")
+STORES = ("memory", "sqlite", "sqlite-normal", "dynamodb", "redis")
+#: Starlette only: (variant, uvicorn app factory, extra environment) over the same Redis.
+REDIS_VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("ours, redis (threads)", "benchmarks.apps:served_app", {"BENCH_STORE_THREADS": "on"}),
+    ("asgi-idempotency-header, redis", "benchmarks.apps:served_peer_redis_app", {}),
+)
 # DynamoDB Local keeps one database per access key and region: the servers and the process that
 # creates the table must use the same ones.
 CREDENTIALS = {
@@ -103,11 +110,14 @@ FLASK = Target(
 )
 
 
-def _store_env(store: str | None, workdir: Path, dynamodb_url: str, table: str) -> dict[str, str]:
+def _store_env(
+    store: str | None, workdir: Path, dynamodb_url: str, table: str, redis_url: str = ""
+) -> dict[str, str]:
     env = dict(CREDENTIALS)
     if store is None:
         return env
     env["BENCH_IDEMPOTENCY"] = "on"
+    env["BENCH_PEER_REDIS_URL"] = redis_url
     env["IDEM_STORE_URL"] = {
         "memory": "memory://",
         "sqlite": f"sqlite:///{workdir}/idempotency-{uuid.uuid4().hex[:8]}.sqlite3",
@@ -115,18 +125,23 @@ def _store_env(store: str | None, workdir: Path, dynamodb_url: str, table: str) 
         "?synchronous=NORMAL",
         "dynamodb": f"dynamodb://{table}?region={CREDENTIALS['AWS_DEFAULT_REGION']}"
         f"&endpoint_url={dynamodb_url}",
+        "redis": redis_url,
     }[store]
     return env
 
 
 @contextmanager
-def serve(target: Target, store: str | None, env: dict[str, str], log_dir: Path) -> Iterator[str]:
+def serve(
+    target: Target,
+    store: str | None,
+    env: dict[str, str],
+    log_dir: Path,
+    app: str = "benchmarks.apps:served_app",
+) -> Iterator[str]:
     from tooling import servers
 
     if target is STARLETTE:
-        server = servers.start_uvicorn(
-            "benchmarks.apps:served_app", env=env, log_dir=log_dir, extra_args=["--factory"]
-        )
+        server = servers.start_uvicorn(app, env=env, log_dir=log_dir, extra_args=["--factory"])
     else:
         app = "example_apps.flask_app:app" if store else "benchmarks.apps:flask_bare()"
         server = servers.start_gunicorn(app, env=env, log_dir=log_dir, threads=8)
@@ -165,11 +180,17 @@ def _prepare_replays(target: Target, base_url: str, prefix: str) -> None:
 
 
 def _measure_server(
-    target: Target, store: str | None, env: dict[str, str], log_dir: Path, seconds: float
+    target: Target,
+    store: str | None,
+    env: dict[str, str],
+    log_dir: Path,
+    seconds: float,
+    variant: str | None = None,
+    app: str = "benchmarks.apps:served_app",
 ) -> list[HTTPRow]:
-    variant = f"ours, {store}" if store else "bare"
+    variant = variant or (f"ours, {store}" if store else "bare")
     rows = []
-    with serve(target, store, env, log_dir) as base_url:
+    with serve(target, store, env, log_dir, app) as base_url:
         run_id = uuid.uuid4().hex[:8]
         loadgen.run(_load(target, base_url, f"warm-{run_id}-", None, 1))  # warm-up
         new = loadgen.run(_load(target, base_url, f"new-{run_id}-", None, seconds))
@@ -233,24 +254,37 @@ def measure_loop_health(env: dict[str, str], log_dir: Path, seconds: float) -> L
     )
 
 
-def run(seconds: float = 5.0, dynamodb_url: str | None = None) -> HTTPResult:
+def run(
+    seconds: float = 5.0, dynamodb_url: str | None = None, stores: tuple[str, ...] = STORES
+) -> HTTPResult:
     from benchmarks.store_roundtrips import dynamodb
+    from tooling import redis_server
 
-    with (
-        tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp,
-        dynamodb(dynamodb_url) as (
-            url,
-            _,
-        ),
-    ):
-        workdir = Path(tmp)
-        table = _create_table(url)
-        rows: list[HTTPRow] = []
-        for target in (STARLETTE, FLASK):
-            for store in (None, *STORES):
-                env = _store_env(store, workdir, url, table)
-                rows += _measure_server(target, store, env, workdir, seconds)
-        health = measure_loop_health(_store_env("dynamodb", workdir, url, table), workdir, seconds)
+    redis = redis_server.start()
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp,
+            dynamodb(dynamodb_url) if "dynamodb" in stores else nullcontext(("", "")) as (url, _),
+        ):
+            workdir = Path(tmp)
+            table = _create_table(url) if url else ""
+            rows: list[HTTPRow] = []
+            for target in (STARLETTE, FLASK):
+                for store in (None, *stores):
+                    env = _store_env(store, workdir, url, table, redis.url)
+                    rows += _measure_server(target, store, env, workdir, seconds)
+                    if target is STARLETTE and store == "redis":
+                        for variant, app, extra in REDIS_VARIANTS:
+                            rows += _measure_server(
+                                target, store, env | extra, workdir, seconds, variant, app
+                            )
+            health = (
+                measure_loop_health(_store_env("dynamodb", workdir, url, table), workdir, seconds)
+                if url
+                else None
+            )
+    finally:
+        redis.stop()
     return HTTPResult(loadgen.generator_name(), seconds, rows, health)
 
 
@@ -275,13 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--endpoint-url")
+    parser.add_argument("--store", action="append", choices=STORES, help="repeatable")
     args = parser.parse_args(argv)
-    result = run(args.seconds, args.endpoint_url)
+    result = run(args.seconds, args.endpoint_url, tuple(args.store or STORES))
     print(f"load generator: {result.generator}, {CONNECTIONS} connections, {args.seconds}s")
     for row in result.rows:
         r = row.result
         print(
-            f"{row.server:<26} {row.variant:<16} {row.traffic:<9} {r.rps:8.0f} req/s "
+            f"{row.server:<26} {row.variant:<31} {row.traffic:<9} {r.rps:8.0f} req/s "
             f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  errors {r.errors}"
         )
     if result.loop_health:

@@ -42,6 +42,7 @@ from idem_middleware.engine import (
 )
 from idem_middleware.lease import AsyncLeaseKeeper, wait_for_answer_async
 from idem_middleware.persistence.base import BasePersistenceLayer
+from idem_middleware.persistence.steps import StoreStep
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
 from idem_middleware.route_table import RouteResolver
@@ -118,6 +119,12 @@ class IdempotencyMiddleware:
                 await LifespanCheck(self, receive, send).run(scope)
             else:
                 await self.app(scope, receive, send)
+            return
+        state = scope.get("state")
+        if state is not None and STATE_NAME in state:
+            # An outer IdempotencyMiddleware holds this request's key already (the middleware
+            # added twice): claiming it again would answer the request with its own 409.
+            await self.app(scope, receive, send)
             return
         path = route_path(scope)
         engine: IdempotencyEngine | None = self.engine
@@ -230,6 +237,15 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+def full_path(scope: Scope, route: str) -> str:
+    """The route path with the app's mount point (``root_path``) before it: what names the
+    operation in keys and fingerprints, so two mounted apps sharing a store never answer for
+    each other (``/v1/orders`` and ``/v2/orders``).
+    """
+    root_path: str = scope.get("root_path", "")
+    return root_path.rstrip("/") + route if root_path else route
+
+
 class IdempotentExchange:
     """The state of one covered request: its buffered body, its lease and the captured response."""
 
@@ -280,7 +296,7 @@ class IdempotentExchange:
         self.body = body
         request = IdempotencyRequest(
             method=self.scope["method"],
-            path=self.path,
+            path=full_path(self.scope, self.path),
             query_string=self.scope.get("query_string", b"").decode("latin-1"),
             headers=headers,
             body=body,
@@ -475,7 +491,12 @@ class IdempotentExchange:
         await self.send({"type": "http.response.body", "body": response.body})
 
     async def store_call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a claim, off the event loop when the store blocks."""
+        """Run a claim: on the event loop through the layer's native async path when it has
+        one, else off the loop when the store blocks.
+        """
+        if self.engine.store_async and isinstance(function, StoreStep):
+            result: T = await function.native(*args)
+            return result
         if self.engine.store_blocks:
             limiter = self.middleware.store_limiter()
             return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
@@ -492,6 +513,12 @@ class IdempotentExchange:
 
     async def finish_lane(self, function: Callable[..., T], *args: Any) -> T:
         """Run a store call of a request in flight (completion, release, lease renewal)."""
+        if self.engine.store_async and isinstance(function, StoreStep):
+            # Shielded, as a worker thread's call is never cut short: a completion cancelled
+            # halfway would leave a handler that ran with its record still in progress.
+            with anyio.CancelScope(shield=True):
+                result: T = await function.native(*args)
+            return result
         if self.engine.store_blocks:
             limiter = self.middleware.finish_limiter()
             return await anyio.to_thread.run_sync(function, *args, limiter=limiter)

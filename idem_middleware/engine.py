@@ -13,6 +13,12 @@ gets one of three decisions:
 ``begin`` is ``prepare`` (pure computation and the local cache) followed by ``claim`` (one store
 call), so an async adapter can run only the store call in a worker thread.
 
+The steps that touch the store (``claim``, ``poll``, ``renew``, ``complete``, ``release``) are
+each written once, as store steps (:mod:`idem_middleware.persistence.steps`), and are
+:class:`~idem_middleware.persistence.steps.StoreStep` objects: calling one runs it with the
+layer's blocking calls; ``await engine.claim.native(...)`` runs it on the event loop through a
+layer's native async path (``store_async``), with no worker thread.
+
 With ``conflict_wait_seconds``, a duplicate of an in-flight request gets a :class:`Conflict`: a
 :class:`Respond` carrying the 409 to send at once, which an adapter may instead turn into a wait,
 sleeping ``conflict.delay`` between calls to ``poll`` until it returns the final decision.
@@ -46,6 +52,7 @@ from idem_middleware.exceptions import (
 from idem_middleware.keys import KeyDeriver
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.persistence.steps import Steps, StoreStep
 from idem_middleware.request import IdempotencyRequest
 from idem_middleware.responses import StoredResponse, problem_response
 from idem_middleware.routes import compile_paths
@@ -170,6 +177,14 @@ class IdempotencyEngine:
         #: Whether store calls block; an async adapter runs ``claim``, ``complete`` and
         #: ``release`` in a worker thread when they do.
         self.store_blocks = persistence_layer.blocking_io
+        #: Whether the layer has a native async path: an async adapter then awaits the store
+        #: steps on its event loop (``await engine.claim.native(pending)``), no thread involved.
+        self.store_async = persistence_layer.native_async
+        self.claim = StoreStep(persistence_layer, self._claim_steps)
+        self.poll = StoreStep(persistence_layer, self._poll_steps)
+        self.renew = StoreStep(persistence_layer, self._renew_steps)
+        self.complete = StoreStep(persistence_layer, self._complete_steps)
+        self.release = StoreStep(persistence_layer, self._release_steps)
         #: Response bodies up to this size are stored and replayed; larger ones stream through.
         self.sizes = SizeLimits.resolve(self.config, persistence_layer.max_response_bytes)
         self._methods = _all_cases(self.config.methods)
@@ -279,12 +294,15 @@ class IdempotencyEngine:
             )
         return scope
 
-    def claim(self, pending: PendingClaim) -> Decision:
+    def _claim_steps(self, pending: PendingClaim) -> Steps[Decision]:
         """Claim the key with one atomic store call; a collision is answered from the record
         that call returned. A duplicate of an in-flight request is a 409 or, with
         ``conflict_wait_seconds``, a :class:`Conflict` the adapter may wait on.
         """
-        outcome = self._claim(pending, waiting=False)
+        try:
+            outcome = yield from self._claim_or_raise(pending, waiting=False)
+        except IdempotencyPersistenceLayerError as error:
+            return self._store_unavailable(pending.request, error, pending.idempotency_key)
         if outcome is not None:
             return outcome
         wait = self.config.conflict_wait_seconds
@@ -295,27 +313,23 @@ class IdempotencyEngine:
             delay=min(FIRST_POLL_DELAY_SECONDS, wait),
         )
 
-    def _claim(self, pending: PendingClaim, *, waiting: bool) -> Decision | None:
+    def _claim_or_raise(self, pending: PendingClaim, *, waiting: bool) -> Steps[Decision | None]:
         """The claim; ``None`` when the key is held by a live request and the duplicate may
         wait (a waiting duplicate, or ``conflict_wait_seconds`` above 0).
         """
-        try:
-            return self._claim_or_raise(pending, waiting=waiting)
-        except IdempotencyPersistenceLayerError as error:
-            return self._store_unavailable(pending.request, error, pending.idempotency_key)
-
-    def _claim_or_raise(self, pending: PendingClaim, *, waiting: bool) -> Decision | None:
         request = pending.request
         layer = self.persistence_layer
         # Two attempts: the record that beat us may expire between its write and our read.
         for _ in range(2):
             try:
-                lease = layer.save_inprogress(pending.idempotency_key, pending.payload_hash)
+                lease = yield from layer.save_inprogress_steps(
+                    pending.idempotency_key, pending.payload_hash
+                )
             except IdempotencyItemAlreadyExistsError as exc:
                 existing = exc.old_data_record
                 if existing is None:
                     try:
-                        existing = layer.get_record(pending.idempotency_key)
+                        existing = yield from layer.get_record_steps(pending.idempotency_key)
                     except IdempotencyItemNotFoundError:
                         continue
                 status = existing.current_status(layer.clock())
@@ -348,7 +362,7 @@ class IdempotencyEngine:
             return self._key_reused(request, record.idempotency_key)
         return None
 
-    def poll(self, conflict: Conflict) -> Decision | None:
+    def _poll_steps(self, conflict: Conflict) -> Steps[Decision | None]:
         """One look at the record a waiting duplicate waits for (one store read, plus a claim
         when the key has come free); ``None`` while it is still in flight and the wait has not
         run out: sleep ``conflict.delay``, then poll again.
@@ -365,11 +379,13 @@ class IdempotencyEngine:
         outcome: Decision | None
         try:
             try:
-                record: DataRecord | None = layer.get_record(pending.idempotency_key)
+                record: DataRecord | None = yield from layer.get_record_steps(
+                    pending.idempotency_key
+                )
             except IdempotencyItemNotFoundError:
                 record = None
             if record is None or not record.blocks_claim(layer.clock()):
-                outcome = self._claim_or_raise(pending, waiting=True)
+                outcome = yield from self._claim_or_raise(pending, waiting=True)
             elif record.status == STATUS_INPROGRESS:
                 outcome = self._unless_mismatch(request, record, pending.payload_hash)
             else:
@@ -470,7 +486,7 @@ class IdempotencyEngine:
 
     # While the app runs -------------------------------------------------------------------
 
-    def renew(self, attempt: Proceed) -> bool:
+    def _renew_steps(self, attempt: Proceed) -> Steps[bool]:
         """Renew the attempt's lease (one fenced store call) and keep the renewed lease in
         ``attempt.lease``, which ``complete`` and ``release`` then write under. Never raises.
 
@@ -480,7 +496,7 @@ class IdempotencyEngine:
         """
         request = attempt.request
         try:
-            attempt.lease = self.persistence_layer.renew_lease(attempt.lease)
+            attempt.lease = yield from self.persistence_layer.renew_lease_steps(attempt.lease)
         except IdempotencyLeaseLostError:
             self._lease_lost(attempt)
             return False
@@ -510,17 +526,17 @@ class IdempotencyEngine:
             return False
         return status < 500 or self.config.store_server_errors
 
-    def complete(self, attempt: Proceed, response: StoredResponse) -> None:
+    def _complete_steps(self, attempt: Proceed, response: StoredResponse) -> Steps[None]:
         """Persist the app's response before the adapter sends it; a 5xx (by default) releases
         the key instead. Never raises: the response goes out whatever the store says.
         """
         if not self.stores(response.status):
-            self.release(attempt, response.status)
+            yield from self._release_steps(attempt, response.status)
             return
         request = attempt.request
         kept = self._kept(response)
         try:
-            self.persistence_layer.save_success(
+            yield from self.persistence_layer.save_success_steps(
                 attempt.lease, kept, expires_after_seconds=self._expires_after_seconds
             )
         except IdempotencyLeaseLostError:
@@ -562,13 +578,13 @@ class IdempotencyEngine:
             reason=response.reason,
         )
 
-    def release(self, attempt: Proceed, status: int | None = None) -> None:
+    def _release_steps(self, attempt: Proceed, status: int | None = None) -> Steps[None]:
         """Delete the record so a retry runs the app again (the app raised or returned 5xx).
         Never raises.
         """
         request = attempt.request
         try:
-            self.persistence_layer.delete_record(attempt.lease)
+            yield from self.persistence_layer.delete_record_steps(attempt.lease)
         except IdempotencyLeaseLostError:
             self._lease_lost(attempt)
         except IdempotencyPersistenceLayerError as error:

@@ -36,6 +36,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from idem_middleware.engine import Conflict, Decision, IdempotencyEngine, Proceed
+from idem_middleware.persistence.steps import StoreStep
 
 logger = logging.getLogger("idem_middleware")
 
@@ -46,9 +47,9 @@ RENEWALS_PER_LEASE = 3
 
 
 class StoreCall(Protocol):
-    """How an async adapter runs an engine step that may touch the store: in a worker thread
-    under its own limiter when the store blocks, directly otherwise (the ASGI middleware's
-    ``store_call``).
+    """How an async adapter runs an engine step that may touch the store: on the event loop
+    through the layer's native async path when it has one, in a worker thread under its own
+    limiter when the store blocks, directly otherwise (the ASGI middleware's ``store_call``).
     """
 
     def __call__(self, function: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
@@ -290,6 +291,9 @@ async def _run(
 ) -> T:
     if store_call is not None:
         return await store_call(function, *args)
+    if engine.store_async and isinstance(function, StoreStep):
+        result: T = await function.native(*args)
+        return result
     if engine.store_blocks:
         return await anyio.to_thread.run_sync(function, *args)
     return function(*args)

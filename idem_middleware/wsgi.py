@@ -68,6 +68,10 @@ class IdempotencyWSGIMiddleware:
         self.routes = RouteResolver(app, self.engine)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if ENVIRON_KEY in environ:
+            # An outer IdempotencyWSGIMiddleware holds this request's key already (the
+            # middleware added twice): claiming it again would answer with its own 409.
+            return self.app(environ, start_response)
         method = environ["REQUEST_METHOD"]
         path = _request_path(environ)
         engine: IdempotencyEngine | None = self.engine
@@ -131,7 +135,7 @@ class WSGIExchange:
         self.environ["CONTENT_LENGTH"] = str(len(body))
         request = IdempotencyRequest(
             method=self.method,
-            path=self.path,
+            path=_decoded(self.environ.get("SCRIPT_NAME", "")).rstrip("/") + self.path,
             query_string=self.environ.get("QUERY_STRING", ""),
             headers=headers,
             body=body,
@@ -399,8 +403,12 @@ def _status_line(response: StoredResponse) -> str:
 
 
 def _request_path(environ: WSGIEnvironment) -> str:
-    # PEP 3333 hands PATH_INFO over as latin-1-decoded bytes; recover the UTF-8 path.
-    path: str = environ.get("PATH_INFO", "") or "/"
+    """The path the app routes on (``SCRIPT_NAME``, the mount point, excluded)."""
+    return _decoded(environ.get("PATH_INFO", "") or "/")
+
+
+def _decoded(path: str) -> str:
+    # PEP 3333 hands paths over as latin-1-decoded bytes; recover the UTF-8 path.
     return path.encode("latin-1").decode("utf-8", "replace")
 
 

@@ -170,13 +170,6 @@ async def _post_twice_asgi(app: Any, first: str, second: str, headers: dict[str,
         ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asgi.py and wsgi.py give the engine the route path (root_path / SCRIPT_NAME "
-    "stripped) for the key material and the fingerprint, so two mounted apps sharing one "
-    "persistence layer (and an equal config, which configure() accepts) name one record: "
-    "POST /v2/orders replays /v1/orders' answer and v2's handler never runs",
-)
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
 @pytest.mark.parametrize("key_source", ["header", "body"])
 def test_two_mounted_apps_sharing_a_layer_never_answer_for_each_other(
@@ -305,13 +298,6 @@ def test_a_dict_given_as_config_is_a_type_error_naming_config(adapter: Any) -> N
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asgi.py/wsgi.py: a request the outer middleware holds a claim for is claimed again "
-    "by the inner one (same layer, same stored key): the inner answers 409 "
-    "idempotency_key_in_use, the outer stores that 409 as a 4xx and replays it "
-    "(Idempotent-Replayed: true) for expires_after_seconds; the handler never runs",
-)
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
 def test_the_middleware_added_twice_on_one_layer_still_runs_the_handler(kind: str) -> None:
     # The careless integrator: add_middleware (or app.wsgi_app = ...) run twice, e.g. by an

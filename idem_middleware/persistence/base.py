@@ -4,17 +4,22 @@ Mirrors the persistence layer of Powertools for AWS Lambda: the base class build
 expiries, validates payloads and keeps the local cache; a backend implements the primitives
 (claim, read, complete, renew, release, remove). On top of Powertools it fences completion,
 release and lease renewal on the lease a request holds, and renews leases while handlers run.
+
+Each public operation is written once, as store steps (:mod:`idem_middleware.persistence.steps`):
+``save_inprogress`` runs ``save_inprogress_steps`` with the blocking primitives, and a layer with
+a native async path (``native_async``) has the same steps awaited on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 from cachetools import LRUCache
@@ -38,6 +43,17 @@ from idem_middleware.persistence.record import (
     STATUSES,
     DataRecord,
 )
+from idem_middleware.persistence.steps import (
+    DELETE,
+    GET,
+    PUT,
+    RENEW,
+    SLEEP,
+    UPDATE,
+    Primitive,
+    Steps,
+    run,
+)
 from idem_middleware.responses import StoredResponse
 
 DEFAULT_KEY_PREFIX = "idempotency"
@@ -52,6 +68,12 @@ class BasePersistenceLayer(ABC):
     #: ``True`` when the primitives do network or disk I/O: the ASGI adapter then runs them in a
     #: worker thread so the event loop never waits on the store.
     blocking_io: ClassVar[bool] = True
+
+    #: ``True`` when the layer also has native async primitives (``_aput_record``,
+    #: ``_aget_record``, ``_aupdate_record``, ``_arenew_record``, ``_adelete_record``) that run
+    #: on the event loop: the ASGI adapter then awaits its store steps there instead of moving
+    #: each call to a worker thread. The logic stays in the steps, shared by both paths.
+    native_async: bool = False
 
     #: Largest response body this store keeps unless the config says otherwise. Larger responses
     #: stream through and their record keeps status and headers only.
@@ -75,6 +97,8 @@ class BasePersistenceLayer(ABC):
         self.clock: Callable[[], float] = time.time
         #: How the write retries wait; tests replace it to count the waits without sleeping.
         self.sleep: Callable[[float], None] = time.sleep
+        #: The same on the native async path.
+        self.async_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     def configure(self, config: IdempotencyConfig, key_prefix: str | None = None) -> None:
         """Adopt the middleware's config. A layer serves one config: reusing it with another
@@ -124,6 +148,10 @@ class BasePersistenceLayer(ABC):
 
         Raises :class:`IdempotencyItemAlreadyExistsError` carrying the live record found instead.
         """
+        return run(self, self.save_inprogress_steps(idempotency_key, payload_hash))
+
+    def save_inprogress_steps(self, idempotency_key: str, payload_hash: str) -> Steps[DataRecord]:
+        """:meth:`save_inprogress` as store steps."""
         cached = self.get_cached_record(idempotency_key)
         if cached is not None:
             raise IdempotencyItemAlreadyExistsError(cached)
@@ -139,7 +167,7 @@ class BasePersistenceLayer(ABC):
             lease_id=secrets.token_hex(16),
         )
         try:
-            self._put_record(lease)
+            yield PUT, (lease,)
         except IdempotencyItemAlreadyExistsError as exc:
             existing = exc.old_data_record
             # botocore and redis-py resend a write whose reply was lost; the resend then finds
@@ -167,6 +195,19 @@ class BasePersistenceLayer(ABC):
 
         Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
         """
+        return run(
+            self,
+            self.save_success_steps(lease, response, expires_after_seconds=expires_after_seconds),
+        )
+
+    def save_success_steps(
+        self,
+        lease: DataRecord,
+        response: StoredResponse,
+        *,
+        expires_after_seconds: int | None = None,
+    ) -> Steps[DataRecord]:
+        """:meth:`save_success` as store steps."""
         record = DataRecord(
             idempotency_key=lease.idempotency_key,
             status=STATUS_COMPLETED,
@@ -177,7 +218,7 @@ class BasePersistenceLayer(ABC):
             response=response,
             lease_id=lease.lease_id,
         )
-        self._write_with_retries(self._update_record, record, self._completed_under)
+        yield from self._write_with_retries(UPDATE, record, self._completed_under)
         self._save_to_cache(record)
         return record
 
@@ -190,6 +231,10 @@ class BasePersistenceLayer(ABC):
         no longer this lease's. Not retried: the lease keeper renews again well before the
         lease runs out.
         """
+        return run(self, self.renew_lease_steps(lease))
+
+    def renew_lease_steps(self, lease: DataRecord) -> Steps[DataRecord]:
+        """:meth:`renew_lease` as store steps."""
         now = self.clock()
         previous_end = lease.in_progress_expiry_timestamp or 0
         renewed = DataRecord(
@@ -209,35 +254,40 @@ class BasePersistenceLayer(ABC):
             lease_id=lease.lease_id,
         )
         try:
-            self._renew_record(lease, renewed)
+            yield RENEW, (lease, renewed)
         except IdempotencyLeaseLostError:
             # botocore and redis-py resend a write whose reply was lost: the resend then finds
             # the renewal the first attempt made.
-            if self._holds(renewed):
+            if (yield from self._holds(renewed)):
                 return renewed
             raise
         return renewed
 
-    def _holds(self, lease: DataRecord) -> bool:
+    def _holds(self, lease: DataRecord) -> Steps[bool]:
         try:
-            return self._get_record(lease.idempotency_key).holds_same_lease(lease)
+            current: DataRecord = yield GET, (lease.idempotency_key,)
         except (IdempotencyItemNotFoundError, IdempotencyPersistenceLayerError):
             return False
+        return current.holds_same_lease(lease)
 
     def delete_record(self, lease: DataRecord) -> None:
         """Release the key held by ``lease`` so a retry runs the handler again.
 
         Raises :class:`IdempotencyLeaseLostError` when another request has taken the key over.
         """
+        run(self, self.delete_record_steps(lease))
+
+    def delete_record_steps(self, lease: DataRecord) -> Steps[None]:
+        """:meth:`delete_record` as store steps."""
         self._evict_from_cache(lease.idempotency_key)
-        self._write_with_retries(self._delete_record, lease, None)
+        yield from self._write_with_retries(DELETE, lease, None)
 
     def _write_with_retries(
         self,
-        write: Callable[[DataRecord], None],
+        write: Primitive,
         record: DataRecord,
-        already_done: Callable[[DataRecord], bool] | None,
-    ) -> None:
+        already_done: Callable[[DataRecord], Steps[bool]] | None,
+    ) -> Steps[None]:
         """Run a fenced write (completion or release), retrying store errors with a bounded
         backoff: at most ``write_attempts`` attempts, and none started later than a quarter of
         the lease after the first, so a request never holds its response for long and the
@@ -253,13 +303,13 @@ class BasePersistenceLayer(ABC):
         attempt = 1
         while True:
             try:
-                write(record)
+                yield write, (record,)
                 return
             except IdempotencyLeaseLostError:
                 if already_done is not None:
-                    if already_done(record):
+                    if (yield from already_done(record)):
                         return
-                elif attempt > 1 and self._is_gone(record.idempotency_key):
+                elif attempt > 1 and (yield from self._is_gone(record.idempotency_key)):
                     return
                 raise
             except (
@@ -275,13 +325,13 @@ class BasePersistenceLayer(ABC):
                     if attempt > 1:
                         exc.args = (f"{exc} (gave up after {attempt} attempts)",)
                     raise
-            self.sleep(pause)
+            yield SLEEP, (pause,)
             delay *= 4
             attempt += 1
 
-    def _is_gone(self, idempotency_key: str) -> bool:
+    def _is_gone(self, idempotency_key: str) -> Steps[bool]:
         try:
-            self._get_record(idempotency_key)
+            yield GET, (idempotency_key,)
         except IdempotencyItemNotFoundError:
             return True
         except IdempotencyPersistenceLayerError:
@@ -303,9 +353,15 @@ class BasePersistenceLayer(ABC):
 
         Raises :class:`IdempotencyItemNotFoundError` or :class:`IdempotencyPayloadMismatchError`.
         """
+        return run(self, self.get_record_steps(idempotency_key, payload_hash))
+
+    def get_record_steps(
+        self, idempotency_key: str, payload_hash: str | None = None
+    ) -> Steps[DataRecord]:
+        """:meth:`get_record` as store steps."""
         record = self.get_cached_record(idempotency_key)
         if record is None:
-            record = self._get_record(idempotency_key)
+            record = yield GET, (idempotency_key,)
             if record.is_expired(self.clock()):
                 raise IdempotencyItemNotFoundError(idempotency_key)
             self._save_to_cache(record)
@@ -320,13 +376,13 @@ class BasePersistenceLayer(ABC):
         if record.payload_hash is not None and record.payload_hash != payload_hash:
             raise IdempotencyPayloadMismatchError(record.idempotency_key)
 
-    def _completed_under(self, record: DataRecord) -> bool:
+    def _completed_under(self, record: DataRecord) -> Steps[bool]:
         """Whether the store already holds exactly this completion: a client library (botocore,
         redis-py) may resend an update whose reply was lost, and the resend then fails the
         lease condition although the first attempt succeeded.
         """
         try:
-            current = self._get_record(record.idempotency_key)
+            current: DataRecord = yield GET, (record.idempotency_key,)
             return (
                 current.status == STATUS_COMPLETED
                 and current.lease_id == record.lease_id
@@ -404,3 +460,21 @@ class BasePersistenceLayer(ABC):
         """Delete the record unconditionally (no lease check); return whether one was stored,
         expired or not. Store faults raise :class:`IdempotencyPersistenceLayerError`.
         """
+
+    # Native async primitives: the same contracts, awaited on the event loop. Only a layer that
+    # sets ``native_async`` implements them; the steps above run unchanged over either kind.
+
+    async def _aput_record(self, data_record: DataRecord) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no native async path")
+
+    async def _aget_record(self, idempotency_key: str) -> DataRecord:
+        raise NotImplementedError(f"{type(self).__name__} has no native async path")
+
+    async def _aupdate_record(self, data_record: DataRecord) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no native async path")
+
+    async def _arenew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no native async path")
+
+    async def _adelete_record(self, data_record: DataRecord) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no native async path")

@@ -82,6 +82,42 @@ def _redis(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     return RedisPersistenceLayer(request.getfixturevalue("redis_url"), key_namespace=namespace)
 
 
+def _redis_async(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from tests.support.async_redis import AsyncDrivenRedisLayer
+
+    # The same server, every store call made by the asyncio client (what ASGI apps run).
+    layer = AsyncDrivenRedisLayer(
+        request.getfixturevalue("redis_url"), key_namespace=f"test-{uuid.uuid4().hex}:"
+    )
+    request.addfinalizer(layer.close)
+    return layer
+
+
+def _redis_cluster(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from idem_middleware.persistence.redis import RedisPersistenceLayer
+
+    # A 3-node cluster for the session: the keys of one test spread over its slots and nodes.
+    layer = RedisPersistenceLayer(
+        request.getfixturevalue("redis_cluster_url"),
+        cluster=True,
+        key_namespace=f"test-{uuid.uuid4().hex}:",
+    )
+    request.addfinalizer(layer.client.close)
+    return layer
+
+
+def _redis_cluster_async(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from tests.support.async_redis import AsyncDrivenRedisLayer
+
+    layer = AsyncDrivenRedisLayer(
+        request.getfixturevalue("redis_cluster_url"),
+        cluster=True,
+        key_namespace=f"test-{uuid.uuid4().hex}:",
+    )
+    request.addfinalizer(layer.close)
+    return layer
+
+
 def _postgres(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     from idem_middleware.persistence.postgres import PostgresPersistenceLayer
 
@@ -101,6 +137,9 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("dynamodb", _dynamodb, marks=(pytest.mark.dynamodb,)),
     Backend("sqlite", _sqlite),
     Backend("redis", _redis, marks=(pytest.mark.redis,)),
+    Backend("redis-async", _redis_async, marks=(pytest.mark.redis,)),
+    Backend("redis-cluster", _redis_cluster, marks=(pytest.mark.redis,)),
+    Backend("redis-cluster-async", _redis_cluster_async, marks=(pytest.mark.redis,)),
     Backend("postgres", _postgres, marks=(pytest.mark.postgres,)),
 )
 

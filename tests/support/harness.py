@@ -396,6 +396,59 @@ def wsgi_server_app() -> Flask:
     return flask_app
 
 
+def asgi_server_app_logging_received() -> Any:
+    """:func:`asgi_server_app`, appending ``received <key> <pid>`` to the run log once the
+    middleware has read the whole body of a request with an idempotency key: a test then knows
+    the request is in the middleware (claiming, or waiting for the answer) before it hangs up,
+    as a server answers a request whose client left before its body was read with
+    ``http.disconnect``.
+    ``uvicorn --factory tests.support.harness:asgi_server_app_logging_received``.
+    """
+    middleware = asgi_server_app()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        key = _asgi_key(scope) if scope["type"] == "http" else None
+        if key is None:
+            await middleware(scope, receive, send)
+            return
+
+        async def logged_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                _log_run("received", key)
+            return message
+
+        await middleware(scope, logged_receive, send)
+
+    return app
+
+
+def wsgi_server_app_logging_received() -> Flask:
+    """:func:`wsgi_server_app`, appending ``received <key> <pid>`` to the run log when the
+    server hands a request with an idempotency key to the middleware (its body is then on the
+    socket for it to read).
+    ``gunicorn 'tests.support.harness:wsgi_server_app_logging_received()'``.
+    """
+    flask_app = wsgi_server_app()
+    middleware = flask_app.wsgi_app
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        key = environ.get("HTTP_IDEMPOTENCY_KEY")
+        if key is not None:
+            _log_run("received", key)
+        return middleware(environ, start_response)
+
+    flask_app.wsgi_app = app  # type: ignore[method-assign]
+    return flask_app
+
+
+def _asgi_key(scope: dict[str, Any]) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"idempotency-key":
+            return str(value.decode("latin-1"))
+    return None
+
+
 def _nested_summary(nested: Reply) -> dict[str, Any]:
     return {
         "nested_status": nested.status,

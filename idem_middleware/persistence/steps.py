@@ -1,0 +1,103 @@
+"""Store steps: every operation that touches the store is written once, then run blocking or
+awaited on the event loop.
+
+An operation (a claim, a completion with its bounded retries, a lease renewal, the engine's
+claim with its fallback read) is a generator that yields the store calls it needs, as
+``(primitive, args)``, and receives each call's result or has its exception thrown in (sans-IO).
+:func:`run` makes the calls with the layer's blocking primitives (``_put_record``, ...);
+:func:`arun` awaits its native async ones (``_aput_record``, ...) on the running event loop, so a
+store with an asyncio client (Redis) needs no worker thread and no second copy of the logic.
+The pause between two write attempts is a call too (``sleep`` / ``async_sleep``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class Primitive(NamedTuple):
+    """A store call, by the names of the layer's attributes that make it."""
+
+    blocking: str
+    native_async: str
+
+
+PUT = Primitive("_put_record", "_aput_record")
+GET = Primitive("_get_record", "_aget_record")
+UPDATE = Primitive("_update_record", "_aupdate_record")
+RENEW = Primitive("_renew_record", "_arenew_record")
+DELETE = Primitive("_delete_record", "_adelete_record")
+SLEEP = Primitive("sleep", "async_sleep")
+
+#: One store call a step needs: the primitive and its positional arguments.
+StoreCall = tuple[Primitive, tuple[Any, ...]]
+#: An operation as steps, returning ``T``.
+Steps = Generator[StoreCall, Any, T]
+
+
+def run(layer: object, steps: Steps[T]) -> T:
+    """Run ``steps`` with ``layer``'s blocking primitives; returns what the steps return."""
+    result: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            if error is None:
+                primitive, args = steps.send(result)
+            else:
+                # Thrown into the step, which may handle it; cleared so no frame keeps it alive.
+                thrown, error = error, None
+                primitive, args = steps.throw(thrown)
+        except StopIteration as done:
+            value: T = done.value
+            return value
+        try:
+            result = getattr(layer, primitive.blocking)(*args)
+        except Exception as exc:
+            result, error = None, exc
+
+
+async def arun(layer: object, steps: Steps[T]) -> T:
+    """Run ``steps`` with ``layer``'s native async primitives, on the running event loop."""
+    result: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            if error is None:
+                primitive, args = steps.send(result)
+            else:
+                thrown, error = error, None
+                primitive, args = steps.throw(thrown)
+        except StopIteration as done:
+            value: T = done.value
+            return value
+        try:
+            result = await getattr(layer, primitive.native_async)(*args)
+        except Exception as exc:
+            result, error = None, exc
+
+
+class StoreStep(Generic[P, T]):
+    """An operation written as steps, bound to the layer that runs them: calling it runs it
+    blocking (WSGI, worker threads); ``await step.native(...)`` runs it through the layer's
+    native async path (``layer.native_async``) on the event loop.
+    """
+
+    def __init__(self, layer: object, steps: Callable[P, Steps[T]]) -> None:
+        self.layer = layer
+        self.steps = steps
+        self.__doc__ = steps.__doc__
+        # Named as the operation it runs: ``_claim_steps`` is ``claim``.
+        self.__name__ = getattr(steps, "__name__", "step").strip("_").removesuffix("_steps")
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return run(self.layer, self.steps(*args, **kwargs))
+
+    async def native(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await arun(self.layer, self.steps(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"<StoreStep {self.__name__} of {self.layer!r}>"
