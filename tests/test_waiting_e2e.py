@@ -387,6 +387,15 @@ def counting_reads(layer: BasePersistenceLayer) -> Callable[[], int]:
         return primitive(idempotency_key)
 
     layer._get_record = counted  # type: ignore[method-assign]
+    if layer.native_async:  # under ASGI its polls read through the native async primitive
+        aprimitive = layer._aget_record
+
+        async def acounted(idempotency_key: str) -> Any:
+            nonlocal reads
+            reads += 1
+            return await aprimitive(idempotency_key)
+
+        layer._aget_record = acounted  # type: ignore[method-assign]
     return lambda: reads
 
 

@@ -22,6 +22,7 @@ Expired records are purged by a thread of their own, in batches queued like writ
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import os
@@ -155,6 +156,8 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         self.purge_batch_size = purge_batch_size
         self.synchronous = synchronous
         self.inline_replays = inline_replays
+        # Under ASGI, reads on the event loop and writes queued from it: no worker thread.
+        self.native_async = inline_replays
         self._local = _ThreadConnection()
         self._quick = _ThreadConnection()
         self._peeked = _Peeked()
@@ -217,6 +220,21 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     # Primitives ---------------------------------------------------------------------------
 
     def _put_record(self, data_record: DataRecord) -> None:
+        write = self._claim_write(data_record)
+        with self._store_errors("claim"):
+            existing_row = self._write(write)
+        self._claim_answer(existing_row)
+
+    async def _aput_record(self, data_record: DataRecord) -> None:
+        write = self._claim_write(data_record)
+        with self._store_errors("claim"):
+            existing_row = await self._awrite(write)
+        self._claim_answer(existing_row)
+
+    def _claim_write(
+        self, data_record: DataRecord
+    ) -> Callable[[sqlite3.Connection], tuple[Any, ...] | None]:
+        """Look at the key first; return the writer's claim when the look cannot answer."""
         now = self.clock()
         key = data_record.idempotency_key
         # A replay or a conflict needs no write: a live record is the answer. Anything else (no
@@ -252,8 +270,9 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
             found: tuple[Any, ...] | None = connection.execute(select, (key,)).fetchone()
             return found or ()
 
-        with self._store_errors("claim"):
-            existing_row = self._write(write)
+        return write
+
+    def _claim_answer(self, existing_row: tuple[Any, ...] | None) -> None:
         if existing_row is not None:
             raise IdempotencyItemAlreadyExistsError(
                 self._row_to_record(existing_row) if existing_row else None
@@ -293,6 +312,19 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         except (TypeError, ValueError, IdempotencyInvalidStatusError):
             return None
 
+    async def _aget_record(self, idempotency_key: str) -> DataRecord:
+        try:
+            row = self._connection(quick=True).execute(self._sql_select, (idempotency_key,))
+            found = row.fetchone()
+        except sqlite3.Error:
+            # The read would wait (or the file is in trouble): wait, and report, off the loop.
+            import anyio.to_thread
+
+            return await anyio.to_thread.run_sync(self._get_record, idempotency_key)
+        if found is None:
+            raise IdempotencyItemNotFoundError(idempotency_key)
+        return self._row_to_record(found)
+
     def _get_record(self, idempotency_key: str) -> DataRecord:
         with self._store_errors("read"):
             row = self._connection().execute(self._sql_select, (idempotency_key,)).fetchone()
@@ -301,46 +333,55 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         return self._row_to_record(row)
 
     def _update_record(self, data_record: DataRecord) -> None:
-        self._fenced_write(
-            "completion",
-            self._sql_complete,
-            {
-                "id": data_record.idempotency_key,
-                "status": data_record.status,
-                "expiration": data_record.expiry_timestamp,
-                "data": data_record.response_data,
-                "validation": data_record.payload_hash,
-                "inprogress": STATUS_INPROGRESS,
-                "lease": data_record.in_progress_expiry_timestamp,
-                "lease_id": data_record.lease_id,
-            },
-        )
+        self._fenced_write("completion", self._sql_complete, self._completion(data_record))
+
+    async def _aupdate_record(self, data_record: DataRecord) -> None:
+        await self._afenced_write("completion", self._sql_complete, self._completion(data_record))
 
     def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
-        self._fenced_write(
-            "lease renewal",
-            self._sql_renew,
-            {
-                "id": lease.idempotency_key,
-                "renewed": renewed.in_progress_expiry_timestamp,
-                "expiration": renewed.expiry_timestamp,
-                "inprogress": STATUS_INPROGRESS,
-                "lease": lease.in_progress_expiry_timestamp,
-                "lease_id": lease.lease_id,
-            },
-        )
+        self._fenced_write("lease renewal", self._sql_renew, self._renewal(lease, renewed))
+
+    async def _arenew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        await self._afenced_write("lease renewal", self._sql_renew, self._renewal(lease, renewed))
 
     def _delete_record(self, data_record: DataRecord) -> None:
-        self._fenced_write(
-            "release",
-            self._sql_release,
-            {
-                "id": data_record.idempotency_key,
-                "inprogress": STATUS_INPROGRESS,
-                "lease": data_record.in_progress_expiry_timestamp,
-                "lease_id": data_record.lease_id,
-            },
-        )
+        self._fenced_write("release", self._sql_release, self._release(data_record))
+
+    async def _adelete_record(self, data_record: DataRecord) -> None:
+        await self._afenced_write("release", self._sql_release, self._release(data_record))
+
+    @staticmethod
+    def _completion(data_record: DataRecord) -> dict[str, Any]:
+        return {
+            "id": data_record.idempotency_key,
+            "status": data_record.status,
+            "expiration": data_record.expiry_timestamp,
+            "data": data_record.response_data,
+            "validation": data_record.payload_hash,
+            "inprogress": STATUS_INPROGRESS,
+            "lease": data_record.in_progress_expiry_timestamp,
+            "lease_id": data_record.lease_id,
+        }
+
+    @staticmethod
+    def _renewal(lease: DataRecord, renewed: DataRecord) -> dict[str, Any]:
+        return {
+            "id": lease.idempotency_key,
+            "renewed": renewed.in_progress_expiry_timestamp,
+            "expiration": renewed.expiry_timestamp,
+            "inprogress": STATUS_INPROGRESS,
+            "lease": lease.in_progress_expiry_timestamp,
+            "lease_id": lease.lease_id,
+        }
+
+    @staticmethod
+    def _release(data_record: DataRecord) -> dict[str, Any]:
+        return {
+            "id": data_record.idempotency_key,
+            "inprogress": STATUS_INPROGRESS,
+            "lease": data_record.in_progress_expiry_timestamp,
+            "lease_id": data_record.lease_id,
+        }
 
     def _remove_record(self, idempotency_key: str) -> bool:
         sql = self._sql_remove
@@ -354,6 +395,12 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         if count != 1:
             raise IdempotencyLeaseLostError(params["id"])
 
+    async def _afenced_write(self, operation: str, sql: str, params: dict[str, Any]) -> None:
+        with self._store_errors(operation):
+            count: int = await self._awrite(lambda c: c.execute(sql, params).rowcount)
+        if count != 1:
+            raise IdempotencyLeaseLostError(params["id"])
+
     def _write(self, write: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``write`` in a transaction of this process's writer and return its result; its
         ``sqlite3.Error`` is raised here. Gives up (``database is locked``) when the write has
@@ -361,6 +408,13 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         for longer than this layer may wait.
         """
         result: T = self._process_writer().run(write, 2 * self.busy_timeout_seconds + 1)
+        return result
+
+    async def _awrite(self, write: Callable[[sqlite3.Connection], T]) -> T:
+        """:meth:`_write` awaited on the event loop: the write joins the writer's queue, and
+        the loop waits on a future instead of a worker thread waiting on a lock.
+        """
+        result: T = await self._process_writer().arun(write, 2 * self.busy_timeout_seconds + 1)
         return result
 
     def _process_writer(self) -> _Writer:
@@ -610,24 +664,37 @@ _QUEUED, _RUNNING, _DONE, _LEAD, _CANCELLED = range(5)
 
 
 class _Job:
-    """One queued write and, once run, its outcome. ``wake`` is held until the write is done or
-    its caller is made the leader: a bare lock is the cheapest way to park a thread.
+    """One queued write and, once run, its outcome. A thread's write holds ``wake`` until the
+    write is done or its caller is made the leader (a bare lock is the cheapest way to park a
+    thread); an event loop's write (``settle``) is never made the leader: it is told when done.
     """
 
-    __slots__ = ("alone", "error", "result", "state", "wake", "write")
+    __slots__ = ("alone", "error", "result", "settle", "state", "wake", "write")
 
-    def __init__(self, write: Write, alone: bool) -> None:
+    def __init__(
+        self, write: Write, alone: bool = False, settle: Callable[[], None] | None = None
+    ) -> None:
         self.write = write
         self.alone = alone
+        self.settle = settle
         self.state = _QUEUED
         self.result: Any = None
         self.error: BaseException | None = None
         self.wake = threading.Lock()
-        self.wake.acquire()
+        if settle is None:
+            self.wake.acquire()
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error, self.state = result, error, _DONE
-        self.wake.release()
+        if self.settle is None:
+            self.wake.release()
+        else:
+            self.settle()
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class _Writer:
@@ -698,33 +765,76 @@ class _Writer:
             if job.state == _DONE:
                 break
             lead = True  # job.state == _LEAD
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return job.outcome()
+
+    async def arun(self, write: Write, timeout: float) -> Any:
+        """:meth:`run` for a coroutine on an event loop: the loop never runs a write itself.
+        When no thread is writing, one worker thread is lent to lead; it commits this write
+        and every write queued behind it by event loops, then goes back to its pool.
+        """
+        import anyio.to_thread
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle() -> None:
+            loop.call_soon_threadsafe(_settle, done)
+
+        job = _Job(write, settle=settle)
+        with self._changed:
+            self._queue.append(job)
+            lead = not self._leading
+            self._leading = True
+            if self._purger is None and not self._stopping:
+                self._start_purger()
+        if lead:
+            await anyio.to_thread.run_sync(self._lead, job)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            with self._changed:
+                if job.state == _QUEUED:
+                    self._queue.remove(job)
+                    job.state = _CANCELLED
+                    raise sqlite3.OperationalError(
+                        "database is locked (the write waited too long for its turn on this "
+                        "process's SQLite writer)"
+                    ) from None
+            await done  # started meanwhile: it ends within the busy timeout
+        return job.outcome()
 
     def _lead(self, own: _Job) -> None:
         """Commit batches until ``own`` is done (or a write that runs alone is next: its thread
-        takes over), then hand the lead to the first queued write's thread.
+        takes over) and no event loop's write is next, then hand the lead to the first queued
+        write's thread.
         """
         with self._connection_lock:
-            while own.state != _DONE:
+            while True:
                 with self._changed:
+                    head = self._queue[0] if self._queue else None
+                    lone_next = head is not None and head.alone and head is not own
+                    if (own.state == _DONE or lone_next) and (head is None or head.settle is None):
+                        if own.state != _DONE:
+                            own.state = _QUEUED  # a lone write is first: own turn after it
+                        self._hand_over()
+                        break
                     batch = self._take_batch(own)
-                if not batch:
-                    own.state = _QUEUED  # a lone write is first: wait for own turn after it
-                    break
                 self._commit(batch)
-        with self._changed:
-            if self._queue:
-                successor = self._queue[0]
-                successor.state = _LEAD
-                successor.wake.release()
-            else:
-                self._leading = False
-                self._changed.notify_all()
-            layer = self._layer()
-            if layer is not None and layer._purge_is_due() and not self._purging:
-                self._purge_wanted.set()
+        layer = self._layer()
+        if layer is not None and layer._purge_is_due() and not self._purging:
+            self._purge_wanted.set()
+
+    def _hand_over(self) -> None:
+        """Under ``_changed``: make the first queued write's thread the leader, or stop
+        leading when nothing is queued.
+        """
+        if self._queue:
+            successor = self._queue[0]
+            successor.state = _LEAD
+            successor.wake.release()
+        else:
+            self._leading = False
+            self._changed.notify_all()
 
     def _take_batch(self, own: _Job) -> list[_Job]:
         batch: list[_Job] = []
@@ -857,6 +967,11 @@ class _Writer:
             del layer
             self._purge_wanted.set()
             time.sleep(0.001)  # the purge thread takes it from here
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def _copy(exc: BaseException) -> BaseException:
