@@ -530,3 +530,25 @@ def test_a_claim_reads_the_key_once(db_path: Path, clock: FakeClock) -> None:
         assert statements.count("SELECT") - selects == 2
     finally:
         layer.close()
+
+
+def test_the_wal_is_checkpointed_by_the_purge_thread_not_in_a_commit(
+    db_path: Path, clock: FakeClock
+) -> None:
+    statements = Statements()
+    layer = traced_layer(db_path, clock, statements)
+    try:
+        for i in range(320):  # more commits than between two checkpoints
+            layer.save_inprogress(layer.build_idempotency_key(f"order-{i}"), "h")
+        writer_connection = layer._writer.connection
+        assert writer_connection is not None
+        # Before: SQLite checkpointed inside a commit every 1000 WAL pages.
+        assert writer_connection.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        deadline = time.monotonic() + 5
+        while statements.count("PRAGMA wal_checkpoint") == 0:
+            assert time.monotonic() < deadline, "no checkpoint ran"
+            time.sleep(0.01)
+        checkpointers = statements.threads_running("PRAGMA wal_checkpoint")
+        assert checkpointers == {layer._writer._purger.ident if layer._writer._purger else -1}
+    finally:
+        layer.close()

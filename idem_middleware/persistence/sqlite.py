@@ -63,6 +63,9 @@ _PURGE_BUSY_TIMEOUT_MS = 50
 #: Most writes committed in one transaction: bounds how long the first of them waits for the
 #: last, and the work redone when one write of a batch fails.
 _MAX_BATCH = 256
+#: Commits between two WAL checkpoints run by the purge thread (SQLite's own default is one
+#: every 1000 WAL pages, about as many as this many small commits write).
+_CHECKPOINT_EVERY_COMMITS = 300
 #: How often the purge thread wakes up to see whether a purge is due (or its layer is gone).
 _WRITER_WAKE_SECONDS = 30.0
 
@@ -733,6 +736,10 @@ class _Writer:
         self._purge_wanted = threading.Event()
         self._purging = False
         self._stopping = False
+        self._checkpoint_due = False
+        self._checkpointed_at = 0
+        # The purge thread's own connection, for checkpoints that never hold up the writer.
+        self._checkpointer: sqlite3.Connection | None = None
 
     def run(self, write: Write, timeout: float, *, alone: bool = False) -> Any:
         """Run ``write`` in a transaction of this writer and return its result (its exception
@@ -855,7 +862,11 @@ class _Writer:
             layer = self._layer()
             if layer is None:
                 raise sqlite3.OperationalError("the SQLite persistence layer was closed")
-            self.connection = layer._connect()
+            connection = layer._connect()
+            # A checkpoint inside a commit stalls every write of its batch (with FULL, for two
+            # fsyncs and the copy): the purge thread runs them instead (_checkpoint).
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
+            self.connection = connection
         return self.connection
 
     def _commit(self, batch: list[_Job]) -> None:
@@ -891,6 +902,10 @@ class _Writer:
             return
         self.commits += 1
         self.writes += len(batch)
+        if self.commits - self._checkpointed_at >= _CHECKPOINT_EVERY_COMMITS:
+            self._checkpointed_at = self.commits
+            self._checkpoint_due = True
+            self._purge_wanted.set()
         for job, result in zip(batch, results, strict=True):
             job.finish(result)
 
@@ -908,6 +923,9 @@ class _Writer:
                 layer = self._layer()
                 if layer is None or self._stopping:
                     return
+                if self._checkpoint_due:
+                    self._checkpoint_due = False
+                    self._checkpoint(layer)
                 wait = min(layer.purge_interval_seconds, _WRITER_WAKE_SECONDS)
                 if layer._purge_is_due():
                     with self._changed:
@@ -923,10 +941,24 @@ class _Writer:
                 self._purge_wanted.wait(max(wait, 0.001))
                 self._purge_wanted.clear()
         finally:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            if checkpointer is not None:
+                checkpointer.close()
             with self._changed:
                 if self._purger is threading.current_thread():
                     self._purger = None
                 self._changed.notify_all()
+
+    def _checkpoint(self, layer: SQLitePersistenceLayer) -> None:
+        """Copy the WAL into the file as far as readers allow (PASSIVE: it never waits for a
+        writer nor makes one wait), on a connection of this thread, beside the writer's.
+        """
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = layer._connect()
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            logger.debug("SQLite WAL checkpoint failed; the next one retries", exc_info=True)
 
     def stop(self) -> None:
         """End the purge thread and close the connection once the current leader is done."""
