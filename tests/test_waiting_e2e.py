@@ -302,6 +302,10 @@ class CountedReads(SQLitePersistenceLayer):
         self.reads += 1
         return super()._get_record(idempotency_key)
 
+    async def _aget_record(self, idempotency_key: str) -> Any:  # the polls under ASGI
+        self.reads += 1
+        return await super()._aget_record(idempotency_key)
+
 
 def test_a_duplicate_whose_wait_runs_out_gets_409_and_the_first_still_completes(
     make: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
