@@ -34,7 +34,9 @@ from benchmarks.apps import ORDER_BODY, ORDER_PATH
 CONNECTIONS = 32
 REPLAY_KEYS = 500
 PAYMENT_BODY = b'{"amount":1250,"currency":"EUR"}'
-STORES = ("memory", "sqlite", "dynamodb", "redis", "postgres")
+# "sqlite": synchronous=FULL, the default (a completed record survives a power cut);
+# "sqlite-normal": synchronous=NORMAL (may lose the last commits on power loss, not on a crash).
+STORES = ("memory", "sqlite", "sqlite-normal", "dynamodb", "redis", "postgres")
 #: Starlette only: (variant, uvicorn app factory, extra environment) over the same Redis.
 REDIS_VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("ours, redis (threads)", "benchmarks.apps:served_app", {"BENCH_STORE_THREADS": "on"}),
@@ -124,6 +126,8 @@ def _store_env(
     env["IDEM_STORE_URL"] = {
         "memory": "memory://",
         "sqlite": f"sqlite:///{workdir}/idempotency-{uuid.uuid4().hex[:8]}.sqlite3",
+        "sqlite-normal": f"sqlite:///{workdir}/idempotency-{uuid.uuid4().hex[:8]}.sqlite3"
+        "?synchronous=NORMAL",
         "dynamodb": f"dynamodb://{table}?region={CREDENTIALS['AWS_DEFAULT_REGION']}"
         f"&endpoint_url={dynamodb_url}",
         "redis": redis_url,

@@ -508,7 +508,7 @@ def test_reading_a_corrupt_record_raises_a_typed_store_error(
 # 4. SQLite purges in bounded batches --------------------------------------------------------
 
 
-def test_sqlite_purge_on_the_request_path_is_bounded_and_makes_progress(tmp_path: Path) -> None:
+def test_sqlite_purge_off_the_request_path_is_bounded_and_makes_progress(tmp_path: Path) -> None:
     from idem_middleware.persistence.sqlite import SQLitePersistenceLayer
 
     layer = SQLitePersistenceLayer(tmp_path / "idempotency.sqlite3", purge_batch_size=100)
@@ -522,6 +522,14 @@ def test_sqlite_purge_on_the_request_path_is_bounded_and_makes_progress(tmp_path
             f"INSERT INTO {layer.table_name} (id, status, expiration) VALUES (?, ?, ?)",
             ((f"old-{i}", STATUS_COMPLETED, expired) for i in range(250)),
         )
+    batches: list[int] = []
+    purge_batch = layer._purge_batch
+
+    def counted(connection: sqlite3.Connection, cutoff: int) -> int:
+        batches.append(purge_batch(connection, cutoff))
+        return batches[-1]
+
+    layer._purge_batch = counted  # type: ignore[method-assign]
 
     def rows() -> int:
         with sqlite3.connect(layer.path) as connection:
@@ -530,13 +538,14 @@ def test_sqlite_purge_on_the_request_path_is_bounded_and_makes_progress(tmp_path
             ]
         return count
 
-    counts = []
     for i in range(4):
         layer.save_inprogress(layer.build_idempotency_key(f"header:new-{i}"), HASH)
-        counts.append(rows())
+    assert layer._writer.wait_idle(10)
 
-    # Each claim adds its record and purges at most one batch, until the backlog is gone.
-    assert counts == [1 + 150, 2 + 50, 3, 4]
+    # The writer's purge thread took the backlog one bounded batch (transaction) at a time,
+    # until it was gone; no claim ran a purge.
+    assert batches == [100, 100, 50]
+    assert rows() == 4
     assert layer._next_purge == clock() + layer.purge_interval_seconds, "back to the interval"
     layer.close()
 

@@ -121,7 +121,8 @@ def test_collision_returns_the_existing_record_from_the_claim_itself(
 def test_purge_expired_deletes_only_expired_rows_in_batches(
     db_path: Path, clock: FakeClock
 ) -> None:
-    layer = make_layer(db_path, clock, purge_batch_size=3)
+    # No purge of the writer's own in between (it would take some of the rows first).
+    layer = make_layer(db_path, clock, purge_batch_size=3, purge_interval_seconds=10**6)
     try:
         old_keys = [layer.build_idempotency_key(f"old-{i}") for i in range(10)]
         for key in old_keys:
@@ -138,21 +139,25 @@ def test_purge_expired_deletes_only_expired_rows_in_batches(
         layer.close()
 
 
-def test_claims_purge_expired_rows_every_interval(db_path: Path, clock: FakeClock) -> None:
+def test_the_writer_purges_expired_rows_every_interval(db_path: Path, clock: FakeClock) -> None:
     layer = make_layer(db_path, clock, purge_interval_seconds=600)
     try:
         for i in range(20):
             layer.save_inprogress(layer.build_idempotency_key(f"old-{i}"), "old")
+        assert layer._writer.wait_idle(5)
         assert len(raw_rows(db_path)) == 20
 
         clock.advance(3601)  # all 20 have expired; the last purge ran at START
         layer.save_inprogress(layer.build_idempotency_key("new-1"), "new")
+        assert layer._writer.wait_idle(5)  # the purge runs after the claim, when idle
         assert [row[5] for row in raw_rows(db_path)] == ["new"]
 
         clock.advance(3601)
         layer.save_inprogress(layer.build_idempotency_key("new-2"), "new-2")
+        assert layer._writer.wait_idle(5)
         clock.advance(60)  # before the next interval: no purge yet
         layer.save_inprogress(layer.build_idempotency_key("new-3"), "new-3")
+        assert layer._writer.wait_idle(5)
         assert sorted(row[5] for row in raw_rows(db_path)) == ["new-2", "new-3"]
     finally:
         layer.close()
@@ -271,13 +276,17 @@ def test_write_lock_held_past_busy_timeout_is_a_persistence_error(
 def test_failed_purge_does_not_fail_the_claim(
     layer: SQLitePersistenceLayer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken_purge(now: float | None = None, *, max_batches: int | None = None) -> int:
-        raise IdempotencyPersistenceLayerError("purge failed")
+    def broken_purge(connection: sqlite3.Connection, cutoff: int) -> int:
+        raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(layer, "purge_expired", broken_purge)
+    monkeypatch.setattr(layer, "_purge_batch", broken_purge)
     lease = layer.save_inprogress(layer.build_idempotency_key("order-1"), "hash-a")
     assert lease.payload_hash == "hash-a"
+    assert layer._writer.wait_idle(5)
     assert "purging expired idempotency records failed" in caplog.text
+    # The writer lives on: the next writes land.
+    layer.save_success(lease, RESPONSE)
+    assert layer.get_record(lease.idempotency_key).response == RESPONSE
 
 
 # Concurrency -----------------------------------------------------------------------------------
@@ -288,7 +297,8 @@ def test_fork_never_hands_an_open_connection_to_the_child(
     layer: SQLitePersistenceLayer,
 ) -> None:
     parent_key = layer.build_idempotency_key("parent")
-    layer.save_inprogress(parent_key, "parent")  # the parent now holds a connection
+    layer.save_inprogress(parent_key, "parent")
+    layer.get_record(parent_key)  # the parent now holds a reader connection
     parent_connection = layer._local.connection
     assert parent_connection is not None
     child_key = layer.build_idempotency_key("child")
@@ -299,6 +309,7 @@ def test_fork_never_hands_an_open_connection_to_the_child(
         try:
             inherited = layer._local.connection
             layer.save_inprogress(child_key, "child")
+            layer.get_record(child_key)
             fresh = layer._local.connection
             if inherited is not None:
                 code = 2
@@ -345,6 +356,7 @@ def test_connection_of_an_ended_thread_is_closed(layer: SQLitePersistenceLayer) 
 def test_close_closes_the_connections_of_every_thread(layer: SQLitePersistenceLayer) -> None:
     key = layer.build_idempotency_key("order-1")
     layer.save_inprogress(key, "hash-a")
+    layer.get_record(key)
     ready, done = threading.Event(), threading.Event()
     seen: list[sqlite3.Connection] = []
 

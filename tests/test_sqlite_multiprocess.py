@@ -1,17 +1,30 @@
 """Several worker processes (spawned, like gunicorn/uvicorn workers that do not share memory)
 claim the same keys on the same SQLite file at the same moment: exactly one wins each key.
+Then many threads in many processes (spawned, or forked from a parent whose layer has already
+written, as a pre-fork server does) claim, complete and replay the same keys: still one winner
+and one stored response per key.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import queue
+import random
+import threading
 from collections import defaultdict
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
 
 from idem_middleware import IdempotencyConfig
 from idem_middleware.exceptions import IdempotencyItemAlreadyExistsError
+from idem_middleware.persistence.record import STATUS_COMPLETED
+from idem_middleware.responses import StoredResponse
+
+if TYPE_CHECKING:
+    from idem_middleware.persistence import SQLitePersistenceLayer
 
 PROCESSES = 4
 KEYS = [f"order-{i}" for i in range(8)]
@@ -97,3 +110,129 @@ def test_spawned_processes_claiming_the_same_keys_make_one_winner_each(tmp_path:
             )
     finally:
         reader.close()
+
+
+# Many writers: processes x threads, claim + complete + replay ---------------------------------
+
+WRITER_PROCESSES = 6
+WRITER_THREADS = 8
+SHARED_KEYS = [f"payment-{i}" for i in range(24)]
+
+Report = tuple[str, str, str, str | None]  # key, "p<process>-t<thread>", outcome, detail
+
+
+def _response(worker: str) -> StoredResponse:
+    return StoredResponse(status=201, headers=(("X-Worker", worker),), body=worker.encode())
+
+
+def many_writers_worker(
+    path: str,
+    process: int,
+    barrier: Barrier,
+    results: multiprocessing.Queue[list[Report]],
+    layer: SQLitePersistenceLayer | None = None,
+) -> None:
+    """One process: ``WRITER_THREADS`` threads sharing one layer each claim every key (in an
+    order of their own), complete what they win and record what they were handed otherwise.
+    """
+    from idem_middleware.persistence import SQLitePersistenceLayer
+
+    if layer is None:
+        layer = SQLitePersistenceLayer(path, busy_timeout_seconds=20)
+        layer.configure(CONFIG)
+    reports: list[Report] = []
+    reports_lock = threading.Lock()
+    start = threading.Barrier(WRITER_THREADS)
+
+    def thread_main(thread: int) -> None:
+        worker = f"p{process}-t{thread}"
+        names = list(SHARED_KEYS)
+        random.Random(worker).shuffle(names)
+        mine: list[Report] = []
+        if thread == 0:
+            barrier.wait(timeout=120)  # every process is ready
+        start.wait(timeout=120)
+        for name in names:
+            key = layer.build_idempotency_key(name)
+            try:
+                lease = layer.save_inprogress(key, worker)
+                layer.save_success(lease, _response(worker))
+            except IdempotencyItemAlreadyExistsError as exc:
+                record = exc.old_data_record
+                mine.append((name, worker, "lost", None if record is None else record.payload_hash))
+            except Exception as exc:
+                mine.append((name, worker, "error", repr(exc)))
+            else:
+                mine.append((name, worker, "won", worker))
+        with reports_lock:
+            reports.extend(mine)
+
+    threads = [threading.Thread(target=thread_main, args=(t,)) for t in range(WRITER_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    layer.close()
+    results.put(reports)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_many_writer_threads_in_many_processes_store_one_response_per_key(
+    tmp_path: Path, start_method: str
+) -> None:
+    if start_method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {start_method} on this platform")
+    from idem_middleware.persistence import SQLitePersistenceLayer
+
+    path = str(tmp_path / "shared.sqlite3")
+    context = multiprocessing.get_context(start_method)
+    barrier = context.Barrier(WRITER_PROCESSES)
+    results: multiprocessing.Queue[list[Report]] = context.Queue()
+    inherited = None
+    if start_method == "fork":
+        # Built and written through before the fork: each child must start its own writer.
+        inherited = SQLitePersistenceLayer(path, busy_timeout_seconds=20)
+        inherited.configure(CONFIG)
+        inherited.save_inprogress(inherited.build_idempotency_key("before-fork"), "parent")
+    workers = [
+        context.Process(
+            target=many_writers_worker, args=(path, process, barrier, results, inherited)
+        )
+        for process in range(WRITER_PROCESSES)
+    ]
+    for process in workers:
+        process.start()
+    reports: list[Report] = []
+    try:
+        for _ in range(WRITER_PROCESSES):
+            reports.extend(results.get(timeout=180))
+    except queue.Empty:
+        pass
+    for process in workers:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+
+    assert [process.exitcode for process in workers] == [0] * WRITER_PROCESSES
+    assert [r for r in reports if r[2] == "error"] == []
+    assert len(reports) == WRITER_PROCESSES * WRITER_THREADS * len(SHARED_KEYS)
+    by_key: dict[str, list[Report]] = defaultdict(list)
+    for report in reports:
+        by_key[report[0]].append(report)
+
+    reader = SQLitePersistenceLayer(path)
+    reader.configure(CONFIG)
+    try:
+        for name in SHARED_KEYS:
+            claims = by_key[name]
+            winners = [claim[1] for claim in claims if claim[2] == "won"]
+            assert len(winners) == 1, f"{name}: {sorted(winners)}"
+            # Every loser was handed the winner's record (in progress or completed).
+            assert {claim[3] for claim in claims if claim[2] == "lost"} == {winners[0]}
+            record = reader.get_record(reader.build_idempotency_key(name))
+            assert record.status == STATUS_COMPLETED
+            assert record.response == _response(winners[0])
+    finally:
+        reader.close()
+        if inherited is not None:
+            inherited.close()

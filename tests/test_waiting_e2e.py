@@ -302,6 +302,10 @@ class CountedReads(SQLitePersistenceLayer):
         self.reads += 1
         return super()._get_record(idempotency_key)
 
+    async def _aget_record(self, idempotency_key: str) -> Any:  # the polls under ASGI
+        self.reads += 1
+        return await super()._aget_record(idempotency_key)
+
 
 def test_a_duplicate_whose_wait_runs_out_gets_409_and_the_first_still_completes(
     make: Callable[..., Harness], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -387,6 +391,15 @@ def counting_reads(layer: BasePersistenceLayer) -> Callable[[], int]:
         return primitive(idempotency_key)
 
     layer._get_record = counted  # type: ignore[method-assign]
+    if layer.native_async:  # under ASGI its polls read through the native async primitive
+        aprimitive = layer._aget_record
+
+        async def acounted(idempotency_key: str) -> Any:
+            nonlocal reads
+            reads += 1
+            return await aprimitive(idempotency_key)
+
+        layer._aget_record = acounted  # type: ignore[method-assign]
     return lambda: reads
 
 
