@@ -8,11 +8,17 @@ claim with its fallback read) is a generator that yields the store calls it need
 :func:`arun` awaits its native async ones (``_aput_record``, ...) on the running event loop, so a
 store with an asyncio client (Redis) needs no worker thread and no second copy of the logic.
 The pause between two write attempts is a call too (``sleep`` / ``async_sleep``).
+
+Both runners time the store calls (not the pauses) of the step they run and keep the sum on a
+:class:`StoreTimer` that :func:`store_timer` returns while the step runs, so the events a step
+emits can say how long its store calls took.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from contextvars import ContextVar
+from time import perf_counter
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
 
 T = TypeVar("T")
@@ -39,45 +45,81 @@ StoreCall = tuple[Primitive, tuple[Any, ...]]
 Steps = Generator[StoreCall, Any, T]
 
 
+class StoreTimer:
+    """The seconds spent so far in the store calls of the step running."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+# A context variable, not an attribute of the step: one StoreStep serves concurrent requests
+# (threads, tasks), each running in its own context.
+_timer: ContextVar[StoreTimer | None] = ContextVar("idem_middleware_store_timer", default=None)
+
+
+def store_timer() -> StoreTimer | None:
+    """The timer of the step running in this context (thread or task); ``None`` outside one."""
+    return _timer.get()
+
+
 def run(layer: object, steps: Steps[T]) -> T:
     """Run ``steps`` with ``layer``'s blocking primitives; returns what the steps return."""
     result: Any = None
     error: Exception | None = None
-    while True:
-        try:
-            if error is None:
-                primitive, args = steps.send(result)
-            else:
-                # Thrown into the step, which may handle it; cleared so no frame keeps it alive.
-                thrown, error = error, None
-                primitive, args = steps.throw(thrown)
-        except StopIteration as done:
-            value: T = done.value
-            return value
-        try:
-            result = getattr(layer, primitive.blocking)(*args)
-        except Exception as exc:
-            result, error = None, exc
+    timer = StoreTimer()
+    token = _timer.set(timer)
+    try:
+        while True:
+            try:
+                if error is None:
+                    primitive, args = steps.send(result)
+                else:
+                    # Thrown into the step, which may handle it; cleared so no frame keeps it.
+                    thrown, error = error, None
+                    primitive, args = steps.throw(thrown)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            started = perf_counter()
+            try:
+                result = getattr(layer, primitive.blocking)(*args)
+            except Exception as exc:
+                result, error = None, exc
+            if primitive is not SLEEP:
+                timer.seconds += perf_counter() - started
+    finally:
+        _timer.reset(token)
 
 
 async def arun(layer: object, steps: Steps[T]) -> T:
     """Run ``steps`` with ``layer``'s native async primitives, on the running event loop."""
     result: Any = None
     error: Exception | None = None
-    while True:
-        try:
-            if error is None:
-                primitive, args = steps.send(result)
-            else:
-                thrown, error = error, None
-                primitive, args = steps.throw(thrown)
-        except StopIteration as done:
-            value: T = done.value
-            return value
-        try:
-            result = await getattr(layer, primitive.native_async)(*args)
-        except Exception as exc:
-            result, error = None, exc
+    timer = StoreTimer()
+    token = _timer.set(timer)
+    try:
+        while True:
+            try:
+                if error is None:
+                    primitive, args = steps.send(result)
+                else:
+                    thrown, error = error, None
+                    primitive, args = steps.throw(thrown)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            # Wall time of the awaited call: under a busy loop it includes waiting for the loop.
+            started = perf_counter()
+            try:
+                result = await getattr(layer, primitive.native_async)(*args)
+            except Exception as exc:
+                result, error = None, exc
+            if primitive is not SLEEP:
+                timer.seconds += perf_counter() - started
+    finally:
+        _timer.reset(token)
 
 
 class StoreStep(Generic[P, T]):
