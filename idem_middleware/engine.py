@@ -80,8 +80,8 @@ class IdempotencyEvent:
 
     ``key`` is the stored (hashed) key, never the raw client key; ``status`` is the HTTP status
     sent or stored, when there is one; ``store_seconds`` is the time the store calls behind the
-    decision took (``None`` for a decision made without one: a local-cache replay, a refusal
-    before the claim).
+    decision took: ``None`` for a decision made without one (a local-cache replay, a refusal
+    before the claim), and when neither ``on_event`` nor the DEBUG log reads the events.
     """
 
     name: EventName
@@ -186,11 +186,13 @@ class IdempotencyEngine:
         #: Whether the layer has a native async path: an async adapter then awaits the store
         #: steps on its event loop (``await engine.claim.native(pending)``), no thread involved.
         self.store_async = persistence_layer.native_async
-        self.claim = StoreStep(persistence_layer, self._claim_steps)
-        self.poll = StoreStep(persistence_layer, self._poll_steps)
-        self.renew = StoreStep(persistence_layer, self._renew_steps)
-        self.complete = StoreStep(persistence_layer, self._complete_steps)
-        self.release = StoreStep(persistence_layer, self._release_steps)
+        # Store calls are timed (IdempotencyEvent.store_seconds) only when something reads it.
+        timed = self._observed
+        self.claim = StoreStep(persistence_layer, self._claim_steps, timed=timed)
+        self.poll = StoreStep(persistence_layer, self._poll_steps, timed=timed)
+        self.renew = StoreStep(persistence_layer, self._renew_steps, timed=timed)
+        self.complete = StoreStep(persistence_layer, self._complete_steps, timed=timed)
+        self.release = StoreStep(persistence_layer, self._release_steps, timed=timed)
         #: Response bodies up to this size are stored and replayed; larger ones stream through.
         self.sizes = SizeLimits.resolve(self.config, persistence_layer.max_response_bytes)
         self._methods = _all_cases(self.config.methods)
@@ -677,6 +679,13 @@ class IdempotencyEngine:
             detail="the lease ran out and another request took the key over; its record was kept",
             level=logging.WARNING,
         )
+
+    def _observed(self) -> bool:
+        """Whether the events of a store step are read: by ``on_event``, or by the log with the
+        per-request decisions on (DEBUG). Store trouble logged at WARNING or ERROR alone does
+        not pay for timing every request's store calls.
+        """
+        return self.config.on_event is not None or logger.isEnabledFor(logging.DEBUG)
 
     def _emit(
         self,

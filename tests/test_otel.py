@@ -365,3 +365,26 @@ def test_decisions_log_at_debug_and_store_trouble_at_warning(
     ]
     (claimed,) = [r.getMessage() for r in caplog.records if "idempotency claimed" in r.getMessage()]
     assert "store_seconds=" in claimed
+
+
+def test_store_calls_are_timed_only_when_something_reads_the_events(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without ``on_event`` and with decisions' DEBUG lines off, no request pays for timing:
+    a store error logged at WARNING then has no ``store_seconds``.
+    """
+    caplog.set_level(logging.WARNING, logger="idem_middleware")
+    Harness("wsgi", DownLayer(), IdempotencyConfig()).request(
+        "POST", "/orders", headers=[("Idempotency-Key", "k")]
+    )
+    (event,) = [r.idempotency for r in caplog.records if hasattr(r, "idempotency")]  # type: ignore[attr-defined]
+    assert (event.name, event.store_seconds) == ("store_error", None)
+
+    caplog.set_level(logging.DEBUG, logger="idem_middleware")
+    caplog.clear()
+    Harness("wsgi", DownLayer(), IdempotencyConfig()).request(
+        "POST", "/orders", headers=[("Idempotency-Key", "k")]
+    )
+    (event,) = [r.idempotency for r in caplog.records if hasattr(r, "idempotency")]  # type: ignore[attr-defined]
+    assert event.name == "store_error"
+    assert event.store_seconds >= SLOW

@@ -9,9 +9,9 @@ claim with its fallback read) is a generator that yields the store calls it need
 store with an asyncio client (Redis) needs no worker thread and no second copy of the logic.
 The pause between two write attempts is a call too (``sleep`` / ``async_sleep``).
 
-Both runners time the store calls (not the pauses) of the step they run and keep the sum on a
-:class:`StoreTimer` that :func:`store_timer` returns while the step runs, so the events a step
-emits can say how long its store calls took.
+Given a :class:`StoreTimer`, both runners time the store calls (not the pauses) of the step they
+run and keep the sum there; :func:`store_timer` returns it while the step runs, so the events a
+step emits can say how long its store calls took. Without one, nothing is timed.
 """
 
 from __future__ import annotations
@@ -64,12 +64,11 @@ def store_timer() -> StoreTimer | None:
     return _timer.get()
 
 
-def run(layer: object, steps: Steps[T]) -> T:
+def run(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
     """Run ``steps`` with ``layer``'s blocking primitives; returns what the steps return."""
     result: Any = None
     error: Exception | None = None
-    timer = StoreTimer()
-    token = _timer.set(timer)
+    token = None if timer is None else _timer.set(timer)
     try:
         while True:
             try:
@@ -82,23 +81,23 @@ def run(layer: object, steps: Steps[T]) -> T:
             except StopIteration as done:
                 value: T = done.value
                 return value
-            started = perf_counter()
+            started = 0.0 if timer is None else perf_counter()
             try:
                 result = getattr(layer, primitive.blocking)(*args)
             except Exception as exc:
                 result, error = None, exc
-            if primitive is not SLEEP:
+            if timer is not None and primitive is not SLEEP:
                 timer.seconds += perf_counter() - started
     finally:
-        _timer.reset(token)
+        if token is not None:
+            _timer.reset(token)
 
 
-async def arun(layer: object, steps: Steps[T]) -> T:
+async def arun(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
     """Run ``steps`` with ``layer``'s native async primitives, on the running event loop."""
     result: Any = None
     error: Exception | None = None
-    timer = StoreTimer()
-    token = _timer.set(timer)
+    token = None if timer is None else _timer.set(timer)
     try:
         while True:
             try:
@@ -111,15 +110,16 @@ async def arun(layer: object, steps: Steps[T]) -> T:
                 value: T = done.value
                 return value
             # Wall time of the awaited call: under a busy loop it includes waiting for the loop.
-            started = perf_counter()
+            started = 0.0 if timer is None else perf_counter()
             try:
                 result = await getattr(layer, primitive.native_async)(*args)
             except Exception as exc:
                 result, error = None, exc
-            if primitive is not SLEEP:
+            if timer is not None and primitive is not SLEEP:
                 timer.seconds += perf_counter() - started
     finally:
-        _timer.reset(token)
+        if token is not None:
+            _timer.reset(token)
 
 
 class StoreStep(Generic[P, T]):
@@ -128,18 +128,28 @@ class StoreStep(Generic[P, T]):
     native async path (``layer.native_async``) on the event loop.
     """
 
-    def __init__(self, layer: object, steps: Callable[P, Steps[T]]) -> None:
+    def __init__(
+        self,
+        layer: object,
+        steps: Callable[P, Steps[T]],
+        *,
+        timed: Callable[[], bool] | None = None,
+    ) -> None:
         self.layer = layer
         self.steps = steps
+        #: Asked before each run whether to time its store calls (whether anyone reads them).
+        self.timed = timed
         self.__doc__ = steps.__doc__
         # Named as the operation it runs: ``_claim_steps`` is ``claim``.
         self.__name__ = getattr(steps, "__name__", "step").strip("_").removesuffix("_steps")
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        return run(self.layer, self.steps(*args, **kwargs))
+        timer = StoreTimer() if self.timed is not None and self.timed() else None
+        return run(self.layer, self.steps(*args, **kwargs), timer)
 
     async def native(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await arun(self.layer, self.steps(*args, **kwargs))
+        timer = StoreTimer() if self.timed is not None and self.timed() else None
+        return await arun(self.layer, self.steps(*args, **kwargs), timer)
 
     def __repr__(self) -> str:
         return f"<StoreStep {self.__name__} of {self.layer!r}>"
