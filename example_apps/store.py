@@ -16,7 +16,7 @@ app runs unchanged on a laptop (``memory://``), on one host with several worker 
 ``EXAMPLE_CHARGE_DELAY_SECONDS`` simulated card-processor latency (default ``0``)
 ``EXAMPLE_EXPORT_LINE_DELAY_SECONDS`` pause between two lines of a streamed export (default
                                  ``0``)
-``LOG_LEVEL``                    ``INFO`` logs every decision of the middleware
+``LOG_LEVEL``                    ``DEBUG`` logs every decision of the middleware
 ================================ ===========================================================
 
 ``memory://`` deduplicates within one process only: with several workers, pick another store.
@@ -101,7 +101,7 @@ def user_scope(request: IdempotencyRequest) -> str:
 
 
 def configure_logging() -> None:
-    """Print the middleware's warnings (store errors) to stderr and, with ``LOG_LEVEL=INFO``,
+    """Print the middleware's warnings (store errors) to stderr and, with ``LOG_LEVEL=DEBUG``,
     every decision it takes. Leaves logging alone when the root logger is already configured.
     """
     logger = logging.getLogger("idem_middleware")

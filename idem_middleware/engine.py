@@ -53,7 +53,7 @@ from idem_middleware.exceptions import (
 from idem_middleware.keys import KeyDeriver
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
-from idem_middleware.persistence.steps import Steps, StoreStep
+from idem_middleware.persistence.steps import Steps, StoreStep, store_timer
 from idem_middleware.request import IdempotencyRequest
 from idem_middleware.responses import StoredResponse, problem_response
 from idem_middleware.routes import compile_paths
@@ -79,7 +79,9 @@ class IdempotencyEvent:
     """One decision, for ``IdempotencyConfig.on_event`` (metrics) and the log.
 
     ``key`` is the stored (hashed) key, never the raw client key; ``status`` is the HTTP status
-    sent or stored, when there is one.
+    sent or stored, when there is one; ``store_seconds`` is the time the store calls behind the
+    decision took: ``None`` for a decision made without one (a local-cache replay, a refusal
+    before the claim), and when neither ``on_event`` nor the DEBUG log reads the events.
     """
 
     name: EventName
@@ -88,6 +90,7 @@ class IdempotencyEvent:
     key: str | None = None
     status: int | None = None
     detail: str | None = None
+    store_seconds: float | None = None
 
 
 # The decisions are made for every request and read once: plain slotted dataclasses, since a
@@ -183,11 +186,13 @@ class IdempotencyEngine:
         #: Whether the layer has a native async path: an async adapter then awaits the store
         #: steps on its event loop (``await engine.claim.native(pending)``), no thread involved.
         self.store_async = persistence_layer.native_async
-        self.claim = StoreStep(persistence_layer, self._claim_steps)
-        self.poll = StoreStep(persistence_layer, self._poll_steps)
-        self.renew = StoreStep(persistence_layer, self._renew_steps)
-        self.complete = StoreStep(persistence_layer, self._complete_steps)
-        self.release = StoreStep(persistence_layer, self._release_steps)
+        # Store calls are timed (IdempotencyEvent.store_seconds) only when something reads it.
+        timed = self._observed
+        self.claim = StoreStep(persistence_layer, self._claim_steps, timed=timed)
+        self.poll = StoreStep(persistence_layer, self._poll_steps, timed=timed)
+        self.renew = StoreStep(persistence_layer, self._renew_steps, timed=timed)
+        self.complete = StoreStep(persistence_layer, self._complete_steps, timed=timed)
+        self.release = StoreStep(persistence_layer, self._release_steps, timed=timed)
         #: Response bodies up to this size are stored and replayed; larger ones stream through.
         self.sizes = SizeLimits.resolve(self.config, persistence_layer.max_response_bytes)
         self._methods = _all_cases(self.config.methods)
@@ -675,6 +680,13 @@ class IdempotencyEngine:
             level=logging.WARNING,
         )
 
+    def _observed(self) -> bool:
+        """Whether the events of a store step are read: by ``on_event``, or by the log with the
+        per-request decisions on (DEBUG). Store trouble logged at WARNING or ERROR alone does
+        not pay for timing every request's store calls.
+        """
+        return self.config.on_event is not None or logger.isEnabledFor(logging.DEBUG)
+
     def _emit(
         self,
         name: EventName,
@@ -684,22 +696,29 @@ class IdempotencyEngine:
         status: int | None = None,
         *,
         detail: str | None = None,
-        level: int = logging.INFO,
+        level: int = logging.DEBUG,
     ) -> None:
+        """Tell ``on_event`` and the log of a decision. Per-request decisions log at DEBUG (a
+        busy service makes thousands a second); store trouble at WARNING or ERROR.
+        """
         on_event = self.config.on_event
         log = logger.isEnabledFor(level)
         if on_event is None and not log:
             return
-        event = IdempotencyEvent(name, method, path, key, status, detail)
+        # Set while a store step runs (claim, poll, renew, complete, release): its store time.
+        timer = store_timer()
+        seconds = None if timer is None else timer.seconds
+        event = IdempotencyEvent(name, method, path, key, status, detail, seconds)
         if log:
             logger.log(
                 level,
-                "idempotency %s method=%s path=%s key=%s status=%s%s",
+                "idempotency %s method=%s path=%s key=%s status=%s%s%s",
                 name,
                 method,
                 path,
                 key,
                 status,
+                "" if seconds is None else f" store_seconds={seconds:.6f}",
                 f" detail={detail!r}" if detail else "",
                 extra={"idempotency": event},
             )

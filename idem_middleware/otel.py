@@ -8,11 +8,14 @@ Each decision (:class:`~idem_middleware.IdempotencyEvent`) becomes
   replay, ``idempotency.replayed = true``;
 * one increment of the counter ``idempotency.decisions``, by ``idempotency.decision``,
   ``http.request.method`` and ``http.response.status_code`` (no path and no key: they would
-  make one time series per request).
+  make one time series per request);
+* for a decision made with store calls (``IdempotencyEvent.store_seconds``), one record of the
+  histogram ``idempotency.store.duration`` (seconds): the time those calls took, by
+  ``idempotency.decision`` and ``http.request.method``. A local-cache replay or a refusal
+  before the claim makes no store call and records nothing.
 
 Through the OpenTelemetry API only (the ``otel`` extra, ``opentelemetry-api``): without an SDK
-configured, both are the API's no-ops. A histogram of store-call latency would need the engine to
-time its store calls, which it does not report; it is not provided.
+configured, all are the API's no-ops.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ if TYPE_CHECKING:
 
     from idem_middleware.engine import IdempotencyEvent
 
-__all__ = ["DECISIONS_COUNTER", "OpenTelemetryHook"]
+__all__ = ["DECISIONS_COUNTER", "STORE_DURATION_HISTOGRAM", "OpenTelemetryHook"]
 
 DECISIONS_COUNTER = "idempotency.decisions"
+STORE_DURATION_HISTOGRAM = "idempotency.store.duration"
 _SCOPE = "idem_middleware"
 
 
@@ -61,6 +65,11 @@ class OpenTelemetryHook:
             unit="{decision}",
             description="Decisions of the idempotency middleware, by decision and status.",
         )
+        self._store_duration = meter.create_histogram(
+            STORE_DURATION_HISTOGRAM,
+            unit="s",
+            description="Time the store calls behind one decision took, by decision.",
+        )
         self.record_key = record_key
 
     def __call__(self, event: IdempotencyEvent) -> None:
@@ -71,6 +80,11 @@ class OpenTelemetryHook:
         if event.status is not None:
             labels["http.response.status_code"] = event.status
         self._decisions.add(1, labels)
+        if event.store_seconds is not None:
+            self._store_duration.record(
+                event.store_seconds,
+                {"idempotency.decision": event.name, "http.request.method": event.method},
+            )
 
         span = trace.get_current_span()
         if not span.is_recording():

@@ -117,7 +117,7 @@ def start(server: str, tmp_path: Path) -> Server:
         "IDEM_STORE_URL": f"sqlite:///{tmp_path / 'idempotency.sqlite3'}",
         "EXAMPLE_LEDGER_PATH": str(tmp_path / "ledger.sqlite3"),
         "EXAMPLE_CHARGE_DELAY_SECONDS": "0.3",
-        "LOG_LEVEL": "INFO",
+        "LOG_LEVEL": "DEBUG",
     }
     if server == "gunicorn":
         return start_gunicorn(DJANGO_WSGI, env=env, log_dir=tmp_path, workers=2, threads=4)

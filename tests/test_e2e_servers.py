@@ -75,7 +75,7 @@ def app_env(tmp_path: Path, **store: str) -> dict[str, str]:
     return {
         "EXAMPLE_LEDGER_PATH": str(tmp_path / "ledger.sqlite3"),
         "EXAMPLE_CHARGE_DELAY_SECONDS": CHARGE_DELAY_SECONDS,
-        "LOG_LEVEL": "INFO",  # the middleware logs each decision, with the worker's pid
+        "LOG_LEVEL": "DEBUG",  # the middleware logs each decision, with the worker's pid
         **store,
     }
 
@@ -157,9 +157,9 @@ def exercise_exactly_once(server: Server) -> None:
     original = assert_exactly_once(responses)
     assert any(r.status_code == 409 for r in responses), "the retries never overlapped"
     assert stats(server)["payments_created"] == 1
-    # With LOG_LEVEL=INFO every worker logs its decisions: all of them took part.
+    # With LOG_LEVEL=DEBUG every worker logs its decisions: all of them took part.
     deciding_pids = {
-        int(pid) for pid in re.findall(r"\[(\d+)\] INFO idem_middleware", server.log())
+        int(pid) for pid in re.findall(r"\[(\d+)\] DEBUG idem_middleware", server.log())
     }
     assert deciding_pids == server.worker_pids, "some worker never saw the retries"
 

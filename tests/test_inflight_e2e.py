@@ -131,7 +131,7 @@ def serve_side_by_side(
             "IDEM_STORE_URL": store_url(deployment.name),
             "IDEM_HARNESS_RUN_LOG": str(runs.path),
             "IDEM_HARNESS_LEASE_SECONDS": str(LEASE_SECONDS),
-            "LOG_LEVEL": "INFO",
+            "LOG_LEVEL": "DEBUG",
             **settings,
         }
         with running(deployment.start(env, work)) as server:
@@ -164,7 +164,9 @@ def decisions(server: Server, name: str) -> set[int]:
     """The worker pids that logged the middleware decision ``name``."""
     return {
         int(pid)
-        for pid in re.findall(rf"\[(\d+)\] INFO idem_middleware: idempotency {name} ", server.log())
+        for pid in re.findall(
+            rf"\[(\d+)\] DEBUG idem_middleware: idempotency {name} ", server.log()
+        )
     }
 
 

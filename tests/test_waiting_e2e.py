@@ -125,7 +125,7 @@ class Live:
             time.sleep(0.02)
 
 
-_DECISION = re.compile(r"\] INFO idem_middleware: idempotency (\w+) method=\S+ path=\S+ key=(\S+)")
+_DECISION = re.compile(r"\] DEBUG idem_middleware: idempotency (\w+) method=\S+ path=\S+ key=(\S+)")
 
 
 def _decision_lines(server: Server) -> list[tuple[str, str]]:
@@ -173,7 +173,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Live
             "IDEM_STORE_URL": f"sqlite:///{work}/store.sqlite3",
             "IDEM_HARNESS_RUN_LOG": str(runs.path),
             "IDEM_HARNESS_CONFLICT_WAIT_SECONDS": str(WAIT_SECONDS),
-            "LOG_LEVEL": "INFO",
+            "LOG_LEVEL": "DEBUG",
         }
         return Live(DEPLOYMENTS[name](env, work), runs, work)
 

@@ -4,7 +4,7 @@ Python blocks there: they must run as written from a pip install.
     python -m tooling.check_wheel DIST_DIR
 
 ``tox -e pkg`` (part of ``make test``) runs it on the wheel it has just built. The virtualenv
-gets the wheel with its ``dynamodb`` extra and the frameworks the README's apps use.
+gets the wheel with its ``dynamodb`` and ``otel`` extras and the frameworks the README's apps use.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         venv.create(work / "venv", with_pip=True)
         python = str(work / "venv" / "bin" / "python")
         subprocess.run(
-            [python, "-m", "pip", "install", "--quiet", f"{wheels[0]}[dynamodb]", *FRAMEWORKS],
+            [python, "-m", "pip", "install", "--quiet", f"{wheels[0]}[dynamodb,otel]", *FRAMEWORKS],
             check=True,
         )
         failed = 0

@@ -8,11 +8,17 @@ claim with its fallback read) is a generator that yields the store calls it need
 :func:`arun` awaits its native async ones (``_aput_record``, ...) on the running event loop, so a
 store with an asyncio client (Redis) needs no worker thread and no second copy of the logic.
 The pause between two write attempts is a call too (``sleep`` / ``async_sleep``).
+
+Given a :class:`StoreTimer`, both runners time the store calls (not the pauses) of the step they
+run and keep the sum there; :func:`store_timer` returns it while the step runs, so the events a
+step emits can say how long its store calls took. Without one, nothing is timed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from contextvars import ContextVar
+from time import perf_counter
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
 
 T = TypeVar("T")
@@ -39,45 +45,81 @@ StoreCall = tuple[Primitive, tuple[Any, ...]]
 Steps = Generator[StoreCall, Any, T]
 
 
-def run(layer: object, steps: Steps[T]) -> T:
+class StoreTimer:
+    """The seconds spent so far in the store calls of the step running."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+# A context variable, not an attribute of the step: one StoreStep serves concurrent requests
+# (threads, tasks), each running in its own context.
+_timer: ContextVar[StoreTimer | None] = ContextVar("idem_middleware_store_timer", default=None)
+
+
+def store_timer() -> StoreTimer | None:
+    """The timer of the step running in this context (thread or task); ``None`` outside one."""
+    return _timer.get()
+
+
+def run(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
     """Run ``steps`` with ``layer``'s blocking primitives; returns what the steps return."""
     result: Any = None
     error: Exception | None = None
-    while True:
-        try:
-            if error is None:
-                primitive, args = steps.send(result)
-            else:
-                # Thrown into the step, which may handle it; cleared so no frame keeps it alive.
-                thrown, error = error, None
-                primitive, args = steps.throw(thrown)
-        except StopIteration as done:
-            value: T = done.value
-            return value
-        try:
-            result = getattr(layer, primitive.blocking)(*args)
-        except Exception as exc:
-            result, error = None, exc
+    token = None if timer is None else _timer.set(timer)
+    try:
+        while True:
+            try:
+                if error is None:
+                    primitive, args = steps.send(result)
+                else:
+                    # Thrown into the step, which may handle it; cleared so no frame keeps it.
+                    thrown, error = error, None
+                    primitive, args = steps.throw(thrown)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            started = 0.0 if timer is None else perf_counter()
+            try:
+                result = getattr(layer, primitive.blocking)(*args)
+            except Exception as exc:
+                result, error = None, exc
+            if timer is not None and primitive is not SLEEP:
+                timer.seconds += perf_counter() - started
+    finally:
+        if token is not None:
+            _timer.reset(token)
 
 
-async def arun(layer: object, steps: Steps[T]) -> T:
+async def arun(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
     """Run ``steps`` with ``layer``'s native async primitives, on the running event loop."""
     result: Any = None
     error: Exception | None = None
-    while True:
-        try:
-            if error is None:
-                primitive, args = steps.send(result)
-            else:
-                thrown, error = error, None
-                primitive, args = steps.throw(thrown)
-        except StopIteration as done:
-            value: T = done.value
-            return value
-        try:
-            result = await getattr(layer, primitive.native_async)(*args)
-        except Exception as exc:
-            result, error = None, exc
+    token = None if timer is None else _timer.set(timer)
+    try:
+        while True:
+            try:
+                if error is None:
+                    primitive, args = steps.send(result)
+                else:
+                    thrown, error = error, None
+                    primitive, args = steps.throw(thrown)
+            except StopIteration as done:
+                value: T = done.value
+                return value
+            # Wall time of the awaited call: under a busy loop it includes waiting for the loop.
+            started = 0.0 if timer is None else perf_counter()
+            try:
+                result = await getattr(layer, primitive.native_async)(*args)
+            except Exception as exc:
+                result, error = None, exc
+            if timer is not None and primitive is not SLEEP:
+                timer.seconds += perf_counter() - started
+    finally:
+        if token is not None:
+            _timer.reset(token)
 
 
 class StoreStep(Generic[P, T]):
@@ -86,18 +128,28 @@ class StoreStep(Generic[P, T]):
     native async path (``layer.native_async``) on the event loop.
     """
 
-    def __init__(self, layer: object, steps: Callable[P, Steps[T]]) -> None:
+    def __init__(
+        self,
+        layer: object,
+        steps: Callable[P, Steps[T]],
+        *,
+        timed: Callable[[], bool] | None = None,
+    ) -> None:
         self.layer = layer
         self.steps = steps
+        #: Asked before each run whether to time its store calls (whether anyone reads them).
+        self.timed = timed
         self.__doc__ = steps.__doc__
         # Named as the operation it runs: ``_claim_steps`` is ``claim``.
         self.__name__ = getattr(steps, "__name__", "step").strip("_").removesuffix("_steps")
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        return run(self.layer, self.steps(*args, **kwargs))
+        timer = StoreTimer() if self.timed is not None and self.timed() else None
+        return run(self.layer, self.steps(*args, **kwargs), timer)
 
     async def native(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await arun(self.layer, self.steps(*args, **kwargs))
+        timer = StoreTimer() if self.timed is not None and self.timed() else None
+        return await arun(self.layer, self.steps(*args, **kwargs), timer)
 
     def __repr__(self) -> str:
         return f"<StoreStep {self.__name__} of {self.layer!r}>"
