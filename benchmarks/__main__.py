@@ -9,6 +9,7 @@ Prints the tables and the targets, writes ``docs/benchmarks.png`` and the result
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no-write", action="store_true", help="print only: leave BENCHMARKS.md and the chart"
     )
     args = parser.parse_args(argv)
+    # The benchmark apps have no users to scope keys to: the startup warning about it is noise.
+    logging.getLogger("idem_middleware").setLevel(logging.ERROR)
     sections = args.only or SECTIONS
     # DynamoDB Local accepts any credentials; never pick up real ones.
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "benchmark")
