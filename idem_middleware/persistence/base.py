@@ -395,6 +395,12 @@ class BasePersistenceLayer(ABC):
 
     # Local cache: COMPLETED records only, never served past their expiry --------------------
 
+    def local_lookup_reads_store(self) -> bool:
+        """Whether :meth:`get_cached_record` reads the store itself (SQLite's inline replays),
+        so that what it costs is reported as store time.
+        """
+        return False
+
     def get_cached_record(self, idempotency_key: str) -> DataRecord | None:
         if self._cache is None:
             return None

@@ -281,6 +281,10 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
                 self._row_to_record(existing_row) if existing_row else None
             )
 
+    def local_lookup_reads_store(self) -> bool:
+        """Whether :meth:`get_cached_record` reads the file (inline replays without an LRU)."""
+        return self._cache is None and self.inline_replays
+
     def get_cached_record(self, idempotency_key: str) -> DataRecord | None:
         """Without an in-process LRU (``use_local_cache``) and with ``inline_replays``, the
         file is the local cache: the key's COMPLETED record, read by the calling thread without

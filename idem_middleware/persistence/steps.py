@@ -16,7 +16,8 @@ step emits can say how long its store calls took. Without one, nothing is timed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from time import perf_counter
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
@@ -62,6 +63,19 @@ _timer: ContextVar[StoreTimer | None] = ContextVar("idem_middleware_store_timer"
 def store_timer() -> StoreTimer | None:
     """The timer of the step running in this context (thread or task); ``None`` outside one."""
     return _timer.get()
+
+
+@contextmanager
+def timing(timer: StoreTimer | None) -> Iterator[None]:
+    """Make ``timer`` the one events emitted in this block read (a store call made outside a
+    step, such as a local lookup that reads the store).
+    """
+    token = None if timer is None else _timer.set(timer)
+    try:
+        yield
+    finally:
+        if token is not None:
+            _timer.reset(token)
 
 
 def run(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
