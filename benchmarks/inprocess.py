@@ -36,26 +36,36 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
 
 REPLAY_HEADER = b"idempotent-replayed"
-_SCOPE = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "POST",
-    "scheme": "http",
-    "path": ORDER_PATH,
-    "raw_path": ORDER_PATH.encode(),
-    "root_path": "",
-    "query_string": b"",
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
-_HEADERS = [
-    (b"host", b"127.0.0.1:8000"),
-    (b"user-agent", b"benchmark"),
-    (b"accept", b"*/*"),
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(ORDER_BODY)).encode()),
-]
+
+
+def post_scope(path: str, body: bytes) -> dict[str, Any]:
+    """The ASGI scope of a ``POST path`` with a JSON ``body``, as uvicorn builds it (headers
+    included, the idempotency key left to the caller).
+    """
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"user-agent", b"benchmark"),
+            (b"accept", b"*/*"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+
+
+_SCOPE = post_scope(ORDER_PATH, ORDER_BODY)
+_HEADERS = _SCOPE.pop("headers")
 _BODY_MESSAGE = {"type": "http.request", "body": ORDER_BODY, "more_body": False}
 
 

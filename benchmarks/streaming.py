@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from benchmarks.inprocess import post_scope
 from idem_middleware import IdempotencyMiddleware
 from idem_middleware.persistence import (
     BasePersistenceLayer,
@@ -110,24 +111,8 @@ def served_app() -> Any:
 
 # In-process ---------------------------------------------------------------------------------
 
-_SCOPE = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "POST",
-    "scheme": "http",
-    "path": EXPORT_PATH,
-    "raw_path": EXPORT_PATH.encode(),
-    "root_path": "",
-    "query_string": b"",
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
-_HEADERS = [
-    (b"host", b"127.0.0.1:8000"),
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(EXPORT_BODY)).encode()),
-]
+_SCOPE = post_scope(EXPORT_PATH, EXPORT_BODY)
+_HEADERS = _SCOPE.pop("headers")
 
 
 async def first_byte_ms(app: ASGIApp, key: bytes | None) -> Outcome:
