@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.runlog import RunLog
 from tooling.servers import Server, running, start_gunicorn, start_uvicorn
 
 pytestmark = pytest.mark.e2e
@@ -65,32 +66,6 @@ DEPLOYMENTS = (
     Deployment("uvicorn-2workers", _uvicorn, one_request_per_worker=False),
     Deployment("gunicorn-2sync-workers", _gunicorn, one_request_per_worker=True),
 )
-
-
-class RunLog:
-    """The ``start``/``end`` lines ``POST /slow`` appends, per key, with the pid that ran it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def pids(self, event: str, key: str) -> list[int]:
-        if not self.path.exists():
-            return []
-        return [
-            int(pid)
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            for kind, logged_key, pid in [line.split(" ")]
-            if kind == event and logged_key == key
-        ]
-
-    def wait_for_start(self, key: str, count: int = 1, timeout: float = 15) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            starts = self.pids("start", key)
-            if len(starts) >= count:
-                return starts
-            time.sleep(0.02)
-        raise AssertionError(f"the handler of {key} did not start {count} time(s) in {timeout} s")
 
 
 @dataclass

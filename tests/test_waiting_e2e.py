@@ -46,9 +46,9 @@ from idem_middleware.persistence import (
     SQLitePersistenceLayer,
 )
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS
+from tests.support.asgi import ASGIClient
 from tests.support.harness import AppState, Harness, Reply, assert_problem, build_asgi_app
-from tests.test_inflight_e2e import RunLog
-from tests.test_streaming import ASGIClient
+from tests.support.runlog import RunLog
 from tooling.servers import Server, start_gunicorn, start_uvicorn
 
 WAIT_SECONDS = 5
