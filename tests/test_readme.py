@@ -26,9 +26,6 @@ CHAINS = chains()
 def test_readme_snippet_runs(
     chain: list[Snippet], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    skipped = [s.skip_reason for s in chain if s.skip_reason]
-    if skipped:
-        pytest.skip(skipped[0])
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": f"readme_line_{chain[0].line}"}
     for snippet in chain:

@@ -1,8 +1,8 @@
 """The README's Python blocks, as the tests and the wheel check run them.
 
 A block runs in a fresh namespace; one preceded by ``<!-- readme-test: continue -->`` runs in
-the namespace of the block before it (a test client exercising the app just shown); one preceded
-by ``<!-- readme-test: skip REASON -->`` does not run here (none is, today).
+the namespace of the block before it (a test client exercising the app just shown). Every block
+runs: there is no way to leave one out.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from tooling import ROOT
 
 README = ROOT / "README.md"
-MARKER = re.compile(r"<!-- readme-test: (continue|skip .+) -->")
+MARKER = re.compile(r"<!-- readme-test: (continue) -->")
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,6 @@ class Snippet:
     line: int  # where its ``` fence is, 1-based
     code: str
     marker: str | None
-
-    @property
-    def skip_reason(self) -> str | None:
-        return (
-            self.marker[len("skip ") :] if self.marker and self.marker.startswith("skip") else None
-        )
 
 
 def snippets(text: str) -> list[Snippet]:
