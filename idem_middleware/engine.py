@@ -187,6 +187,12 @@ class IdempotencyEngine:
         #: Whether the layer has a native async path: an async adapter then awaits the store
         #: steps on its event loop (``await engine.claim.native(pending)``), no thread involved.
         self.store_async = persistence_layer.native_async
+        missing = persistence_layer.missing_async_primitives()
+        if missing:
+            raise TypeError(
+                f"persistence_layer: {type(persistence_layer).__name__} sets native_async but "
+                f"does not implement {', '.join(missing)}"
+            )
         # Store calls are timed (IdempotencyEvent.store_seconds) only when something reads it.
         timed = self._observed
         self.claim = StoreStep(persistence_layer, self._claim_steps, timed=timed)

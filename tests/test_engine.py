@@ -86,6 +86,17 @@ def test_the_409s_retry_after_is_what_is_left_of_the_lease(conflict_wait_seconds
     assert header(e.begin(request()).response, "retry-after") == "1"  # type: ignore[union-attr]
 
 
+def test_a_layer_claiming_a_native_async_path_it_lacks_is_refused_at_construction() -> None:
+    class HalfAsync(InMemoryPersistenceLayer):
+        native_async = True
+
+        async def _aget_record(self, idempotency_key: str) -> DataRecord:
+            return self._get_record(idempotency_key)
+
+    with pytest.raises(TypeError, match=r"persistence_layer: .*_aput_record"):
+        engine(HalfAsync())
+
+
 def test_different_fingerprint_is_422_and_the_record_is_untouched() -> None:
     layer = InMemoryPersistenceLayer()
     e = engine(layer)

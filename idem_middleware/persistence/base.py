@@ -470,6 +470,18 @@ class BasePersistenceLayer(ABC):
     # Native async primitives: the same contracts, awaited on the event loop. Only a layer that
     # sets ``native_async`` implements them; the steps above run unchanged over either kind.
 
+    def missing_async_primitives(self) -> list[str]:
+        """The native async primitives a layer that sets ``native_async`` has not implemented
+        (the engine refuses such a layer at construction rather than fail its requests).
+        """
+        if not self.native_async:
+            return []
+        return [
+            name
+            for name in _ASYNC_PRIMITIVES
+            if getattr(type(self), name) is getattr(BasePersistenceLayer, name)
+        ]
+
     async def _aput_record(self, data_record: DataRecord) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no native async path")
 
@@ -484,3 +496,12 @@ class BasePersistenceLayer(ABC):
 
     async def _adelete_record(self, data_record: DataRecord) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no native async path")
+
+
+_ASYNC_PRIMITIVES = (
+    "_aput_record",
+    "_aget_record",
+    "_aupdate_record",
+    "_arenew_record",
+    "_adelete_record",
+)
