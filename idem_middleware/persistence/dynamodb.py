@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import boto3
@@ -226,7 +228,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             names["#validation"] = self.validation_key_attr
             values[":validation"] = {"S": data_record.payload_hash}
             assignments.append("#validation = :validation")
-        try:
+        with self._fenced("UpdateItem", data_record.idempotency_key, passes=_is_item_too_large):
             self.client.update_item(
                 TableName=self.table_name,
                 Key=self._key(data_record.idempotency_key),
@@ -235,14 +237,28 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
+
+    @contextmanager
+    def _fenced(
+        self,
+        operation: str,
+        idempotency_key: str,
+        *,
+        passes: Callable[[ClientError], bool] = lambda exc: False,
+    ) -> Iterator[None]:
+        """A write conditional on the lease: a failed condition is a lost lease, an error the
+        caller handles itself (``passes``) goes through, anything else is a store error.
+        """
+        try:
+            yield
         except ClientError as exc:
             if _error_code(exc) == "ConditionalCheckFailedException":
-                raise IdempotencyLeaseLostError(data_record.idempotency_key) from None
-            if _is_item_too_large(exc):
+                raise IdempotencyLeaseLostError(idempotency_key) from None
+            if passes(exc):
                 raise
-            self._raise_store_error("UpdateItem", exc)
+            self._raise_store_error(operation, exc)
         except BotoCoreError as exc:
-            self._raise_store_error("UpdateItem", exc)
+            self._raise_store_error(operation, exc)
 
     def _lease_condition(
         self, lease: DataRecord
@@ -267,7 +283,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         names["#expiry"] = self.expiry_attr
         values[":renewed"] = _number(renewed.in_progress_expiry_timestamp)
         values[":expiry"] = _number(renewed.expiry_timestamp)
-        try:
+        with self._fenced("UpdateItem (lease renewal)", lease.idempotency_key):
             self.client.update_item(
                 TableName=self.table_name,
                 Key=self._key(lease.idempotency_key),
@@ -276,16 +292,10 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
-        except ClientError as exc:
-            if _error_code(exc) == "ConditionalCheckFailedException":
-                raise IdempotencyLeaseLostError(lease.idempotency_key) from None
-            self._raise_store_error("UpdateItem (lease renewal)", exc)
-        except BotoCoreError as exc:
-            self._raise_store_error("UpdateItem (lease renewal)", exc)
 
     def _delete_record(self, data_record: DataRecord) -> None:
         condition, names, values = self._lease_condition(data_record)
-        try:
+        with self._fenced("DeleteItem", data_record.idempotency_key):
             self.client.delete_item(
                 TableName=self.table_name,
                 Key=self._key(data_record.idempotency_key),
@@ -293,12 +303,6 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )
-        except ClientError as exc:
-            if _error_code(exc) == "ConditionalCheckFailedException":
-                raise IdempotencyLeaseLostError(data_record.idempotency_key) from None
-            self._raise_store_error("DeleteItem", exc)
-        except BotoCoreError as exc:
-            self._raise_store_error("DeleteItem", exc)
 
     def _remove_record(self, idempotency_key: str) -> bool:
         try:
