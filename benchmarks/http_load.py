@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import statistics
 import tempfile
 import threading
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks import loadgen
 from benchmarks.apps import ORDER_BODY, ORDER_PATH
@@ -236,8 +238,47 @@ def _p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def measure_loop_health(env: dict[str, str], log_dir: Path, seconds: float) -> LoopHealth:
-    with serve(STARLETTE, "dynamodb", env, log_dir) as base_url:
+#: Section 4's ways of making the DynamoDB store calls, each served by
+#: ``benchmarks.http_load:served_health_app``: the environment it is given.
+HEALTH_VARIANTS: dict[str, dict[str, str]] = {
+    "threads 8": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "8"},
+    "threads 4": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "4"},
+    "threads 2": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "2"},
+    "threads 1": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "1"},
+    "aiobotocore": {"BENCH_DYNAMODB_PATH": "async"},
+    "proto": {"BENCH_DYNAMODB_PATH": "proto", "PYTHONPATH": "/tmp/ddbproto"},
+    "proto cap 2": {"BENCH_DYNAMODB_PATH": "proto", "PYTHONPATH": "/tmp/ddbproto", "BENCH_ASYNC_CAP": "2"},
+}
+
+
+def served_health_app() -> Any:
+    """The Starlette app over DynamoDB the way ``BENCH_DYNAMODB_PATH`` says: ``threads`` (worker
+    threads, at most ``BENCH_STORE_THREADS_MAX`` per lane) or ``async`` (aiobotocore on the
+    event loop): ``uvicorn --factory benchmarks.http_load:served_health_app``.
+    """
+    from starlette.middleware import Middleware
+
+    from benchmarks.apps import build_starlette
+    from example_apps.store import persistence_layer_from_env
+    from idem_middleware import IdempotencyMiddleware
+
+    layer = persistence_layer_from_env()
+    path = os.environ.get("BENCH_DYNAMODB_PATH", "threads")
+    if path == "proto":
+        from proto_ddb import AsyncProto  # type: ignore[import-not-found]
+
+        layer = AsyncProto(layer.table_name, boto3_client=layer.client)  # type: ignore[attr-defined]
+    elif path == "threads":
+        layer.native_async = False
+    threads = int(os.environ.get("BENCH_STORE_THREADS_MAX", "8"))
+    middleware = type("Middleware", (IdempotencyMiddleware,), {"max_store_threads": threads})
+    return build_starlette([Middleware(middleware, persistence_layer=layer)])
+
+
+def measure_loop_health(
+    env: dict[str, str], log_dir: Path, seconds: float, app: str = "benchmarks.apps:served_app"
+) -> LoopHealth:
+    with serve(STARLETTE, "dynamodb", env, log_dir, app) as base_url:
         probe = HealthProbe(base_url)
         probe.sample(1)  # warm-up
         idle = probe.sample(seconds)
@@ -341,12 +382,64 @@ def _create_table(endpoint_url: str) -> str:
     return table
 
 
+def compare_loop_health(
+    variants: list[str], rounds: int, seconds: float, dynamodb_url: str | None = None
+) -> dict[str, list[LoopHealth]]:
+    """Section 4 for each of ``variants`` (names in ``HEALTH_VARIANTS``), interleaved in rounds
+    on one DynamoDB Local table.
+    """
+    from benchmarks.store_roundtrips import dynamodb
+
+    results: dict[str, list[LoopHealth]] = {name: [] for name in variants}
+    with (
+        tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp,
+        dynamodb(dynamodb_url) as (url, _),
+    ):
+        workdir = Path(tmp)
+        env = _store_env("dynamodb", workdir, url, _create_table(url))
+        app = "benchmarks.http_load:served_health_app"
+        # DynamoDB Local's JIT warms up in the first seconds of load: not in the first variant.
+        measure_loop_health(env | HEALTH_VARIANTS[variants[0]], workdir, seconds, app)
+        for _round in range(rounds):
+            for name in variants:
+                health = measure_loop_health(env | HEALTH_VARIANTS[name], workdir, seconds, app)
+                results[name].append(health)
+                print(f"  {name:<12} {_health_line(health)}", flush=True)
+    return results
+
+
+def _health_line(h: LoopHealth) -> str:
+    return (
+        f"idle p50 {h.idle_p50_ms:.2f} p99 {h.idle_p99_ms:.2f} ms; loaded p50 "
+        f"{h.loaded_p50_ms:.2f} p99 {h.loaded_p99_ms:.2f} ms ({h.ratio:.1f}x); "
+        f"covered {h.covered_rps:.0f} req/s, errors {h.covered_errors}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--endpoint-url")
     parser.add_argument("--store", action="append", choices=STORES, help="repeatable")
+    parser.add_argument(
+        "--health",
+        action="append",
+        choices=list(HEALTH_VARIANTS),
+        help="only section 4, for these ways of calling DynamoDB (repeatable), interleaved",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --health")
     args = parser.parse_args(argv)
+    if args.health:
+        results = compare_loop_health(args.health, args.rounds, args.seconds, args.endpoint_url)
+        print("medians over rounds:")
+        for name, rows in results.items():
+            print(
+                f"  {name:<12} loaded/idle p99 "
+                f"{statistics.median(h.ratio for h in rows):.1f}x, loaded p99 "
+                f"{statistics.median(h.loaded_p99_ms for h in rows):.2f} ms, covered "
+                f"{statistics.median(h.covered_rps for h in rows):.0f} req/s"
+            )
+        return 0
     result = run(args.seconds, args.endpoint_url, tuple(args.store or STORES))
     print(f"load generator: {result.generator}, {CONNECTIONS} connections, {args.seconds}s")
     for row in result.rows:
