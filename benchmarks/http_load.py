@@ -245,33 +245,35 @@ HEALTH_VARIANTS: dict[str, dict[str, str]] = {
     "threads 4": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "4"},
     "threads 2": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "2"},
     "threads 1": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "1"},
-    "aiobotocore": {"BENCH_DYNAMODB_PATH": "async"},
-    "proto": {"BENCH_DYNAMODB_PATH": "proto", "PYTHONPATH": "/tmp/ddbproto"},
-    "proto cap 2": {"BENCH_DYNAMODB_PATH": "proto", "PYTHONPATH": "/tmp/ddbproto", "BENCH_ASYNC_CAP": "2"},
+    "async 8": {"BENCH_DYNAMODB_PATH": "async", "BENCH_STORE_THREADS_MAX": "8"},
+    "async 2": {"BENCH_DYNAMODB_PATH": "async", "BENCH_STORE_THREADS_MAX": "2"},
+    "async 1": {"BENCH_DYNAMODB_PATH": "async", "BENCH_STORE_THREADS_MAX": "1"},
 }
 
 
 def served_health_app() -> Any:
     """The Starlette app over DynamoDB the way ``BENCH_DYNAMODB_PATH`` says: ``threads`` (worker
-    threads, at most ``BENCH_STORE_THREADS_MAX`` per lane) or ``async`` (aiobotocore on the
-    event loop): ``uvicorn --factory benchmarks.http_load:served_health_app``.
+    threads) or ``async`` (aiobotocore on the event loop), with at most
+    ``BENCH_STORE_THREADS_MAX`` store calls in flight per lane (claims; completions):
+    ``uvicorn --factory benchmarks.http_load:served_health_app``.
     """
     from starlette.middleware import Middleware
 
     from benchmarks.apps import build_starlette
     from example_apps.store import persistence_layer_from_env
     from idem_middleware import IdempotencyMiddleware
+    from idem_middleware.persistence import DynamoDBPersistenceLayer
 
+    calls = int(os.environ.get("BENCH_STORE_THREADS_MAX", "8"))
     layer = persistence_layer_from_env()
-    path = os.environ.get("BENCH_DYNAMODB_PATH", "threads")
-    if path == "proto":
-        from proto_ddb import AsyncProto  # type: ignore[import-not-found]
-
-        layer = AsyncProto(layer.table_name, boto3_client=layer.client)  # type: ignore[attr-defined]
-    elif path == "threads":
+    assert isinstance(layer, DynamoDBPersistenceLayer)
+    if os.environ.get("BENCH_DYNAMODB_PATH") == "async":
+        if layer._async is None:
+            raise RuntimeError("the async variant needs aiobotocore (the dynamodb-async extra)")
+        layer._async.calls_per_lane = calls
+    else:
         layer.native_async = False
-    threads = int(os.environ.get("BENCH_STORE_THREADS_MAX", "8"))
-    middleware = type("Middleware", (IdempotencyMiddleware,), {"max_store_threads": threads})
+    middleware = type("Middleware", (IdempotencyMiddleware,), {"max_store_threads": calls})
     return build_starlette([Middleware(middleware, persistence_layer=layer)])
 
 

@@ -41,7 +41,12 @@ from idem_middleware.exceptions import (
     StoreUnreachableError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
-from idem_middleware.persistence.dynamodb_async import AsyncDynamoDB, aiobotocore_installed
+from idem_middleware.persistence.dynamodb_async import (
+    CLAIM,
+    FINISH,
+    AsyncDynamoDB,
+    aiobotocore_installed,
+)
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 
@@ -154,7 +159,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             raise ValueError(
                 "async_client=True needs aiobotocore: pip install 'idem-middleware[dynamodb-async]'"
             )
-        self._async = AsyncDynamoDB(boto3_client) if async_client else None
+        self._async = AsyncDynamoDB(boto3_client, self.max_store_threads) if async_client else None
         #: Whether store calls run on the event loop (through aiobotocore) under ASGI.
         self.native_async = self._async is not None
 
@@ -168,8 +173,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
     async def _aput_record(self, data_record: DataRecord) -> None:
         request = self._claim_request(data_record)
         with self._claiming():
-            client = await self._async_client()
-            await client.put_item(**request)
+            await self._acall(CLAIM, "put_item", request)
 
     def _claim_request(self, data_record: DataRecord) -> dict[str, Any]:
         now = self.clock()
@@ -221,8 +225,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
 
     async def _aget_record(self, idempotency_key: str) -> DataRecord:
         with self._store_errors("GetItem"):
-            client = await self._async_client()
-            response = await client.get_item(**self._get_request(idempotency_key))
+            response = await self._acall(CLAIM, "get_item", self._get_request(idempotency_key))
         return self._got(idempotency_key, response)
 
     def _get_request(self, idempotency_key: str) -> dict[str, Any]:
@@ -254,15 +257,17 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
 
     async def _aupdate_record(self, data_record: DataRecord) -> None:
         data = self._completion_data(data_record)
-        with self._store_errors("UpdateItem"):
-            client = await self._async_client()
         try:
             with self._completing(data_record, retry=False):
-                await client.update_item(**self._completion_request(data_record, data))
+                await self._acall(
+                    FINISH, "update_item", self._completion_request(data_record, data)
+                )
         except ClientError as exc:
             data = self._without_body_after(data_record, exc)
             with self._completing(data_record, retry=True):
-                await client.update_item(**self._completion_request(data_record, data))
+                await self._acall(
+                    FINISH, "update_item", self._completion_request(data_record, data)
+                )
 
     def _completion_data(self, data_record: DataRecord) -> AttributeValueTypeDef | None:
         data = self._encode_data(data_record.response_data)
@@ -370,8 +375,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
 
     async def _arenew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
         with self._fenced("UpdateItem (lease renewal)", lease.idempotency_key):
-            client = await self._async_client()
-            await client.update_item(**self._renew_request(lease, renewed))
+            await self._acall(FINISH, "update_item", self._renew_request(lease, renewed))
 
     def _renew_request(self, lease: DataRecord, renewed: DataRecord) -> dict[str, Any]:
         condition, names, values = self._lease_condition(lease)
@@ -393,8 +397,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
 
     async def _adelete_record(self, data_record: DataRecord) -> None:
         with self._fenced("DeleteItem", data_record.idempotency_key):
-            client = await self._async_client()
-            await client.delete_item(**self._release_request(data_record))
+            await self._acall(FINISH, "delete_item", self._release_request(data_record))
 
     def _release_request(self, data_record: DataRecord) -> dict[str, Any]:
         condition, names, values = self._lease_condition(data_record)
@@ -406,11 +409,11 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             "ExpressionAttributeValues": values,
         }
 
-    async def _async_client(self) -> Any:
-        """The aiobotocore client of the running event loop."""
+    async def _acall(self, lane: str, operation: str, request: dict[str, Any]) -> Any:
+        """``operation`` on the running event loop's aiobotocore client, in ``lane``."""
         if self._async is None:
             raise RuntimeError("this DynamoDBPersistenceLayer has no asyncio client")
-        return await self._async.client()
+        return await self._async.call(lane, operation, request)
 
     async def aclose(self) -> None:
         """Close the asyncio client this layer built for the running event loop, if any."""

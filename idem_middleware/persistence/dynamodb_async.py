@@ -9,6 +9,11 @@ The asyncio client is built from the layer's blocking boto3 client, so the two a
 everything: region, endpoint, client config (timeouts, retries) and credentials - the asyncio
 client signs with the blocking client's own credentials object, refreshed the same way. One
 client serves one event loop; the layer keeps one per loop, built on its first store call.
+
+On the event loop, botocore's work for every call in flight is done between two turns of the
+loop, so a request the middleware does not cover (``GET /health``) waits behind all of it: at
+most ``calls_per_lane`` calls are in flight at once per lane (claims and reads; completions,
+renewals and releases), as worker threads are limited (BENCHMARKS.md, section 4).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
 def aiobotocore_installed() -> bool:
     """Whether the ``dynamodb-async`` extra (aiobotocore) can be imported."""
     try:
-        import aiobotocore.session  # noqa: F401
+        import aiobotocore.session  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except ImportError:
         return False
     return True
@@ -49,23 +54,50 @@ class SharedCredentials:
         return self.credentials.get_frozen_credentials()
 
 
+#: The lane of a claim and its read.
+CLAIM = "claim"
+#: The lane of the lease-fenced writes (completion, renewal, release): a finished request never
+#: waits behind new claims.
+FINISH = "finish"
+
+
+class _LoopClient:
+    """One event loop's client and the semaphores of its lanes."""
+
+    def __init__(self, client: Any, calls_per_lane: int) -> None:
+        self.client = client
+        self.lanes = {
+            CLAIM: asyncio.Semaphore(calls_per_lane),
+            FINISH: asyncio.Semaphore(calls_per_lane),
+        }
+
+
 class AsyncDynamoDB:
     """aiobotocore DynamoDB clients with ``blocking``'s settings, one per event loop."""
 
-    def __init__(self, blocking: DynamoDBClient) -> None:
+    def __init__(self, blocking: DynamoDBClient, calls_per_lane: int) -> None:
         self.blocking = blocking
+        self.calls_per_lane = calls_per_lane
         # The task building each loop's client: concurrent first calls share one build.
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Task[_LoopClient]
+        ] = weakref.WeakKeyDictionary()
         # A server runs one loop: the last client used is kept at hand.
-        self._last: tuple[asyncio.AbstractEventLoop | None, Any] = (None, None)
+        self._last: tuple[asyncio.AbstractEventLoop | None, _LoopClient | None] = (None, None)
 
-    async def client(self) -> Any:
+    async def call(self, lane: str, operation: str, request: dict[str, Any]) -> Any:
+        """``operation`` (``put_item``, ...) with ``request`` on the running loop's client, once
+        one of ``lane``'s places is free.
+        """
+        loop_client = await self.client()
+        async with loop_client.lanes[lane]:
+            return await getattr(loop_client.client, operation)(**request)
+
+    async def client(self) -> _LoopClient:
         """The client of the running event loop (built on first use)."""
         loop = asyncio.get_running_loop()
         last_loop, last = self._last
-        if last_loop is loop:
+        if last_loop is loop and last is not None:
             return last
         build = self._by_loop.get(loop)
         if build is None:
@@ -80,8 +112,8 @@ class AsyncDynamoDB:
         self._last = (loop, client)
         return client
 
-    async def _build(self) -> Any:
-        from aiobotocore.session import AioSession
+    async def _build(self) -> _LoopClient:
+        from aiobotocore.session import AioSession  # type: ignore[import-not-found,unused-ignore]
 
         meta = self.blocking.meta
         # Placeholder keys keep aiobotocore from resolving credentials of its own (an instance
@@ -92,7 +124,7 @@ class AsyncDynamoDB:
             endpoint_url=meta.endpoint_url,
             config=meta.config,
             aws_access_key_id="placeholder",
-            aws_secret_access_key="placeholder",
+            aws_secret_access_key="placeholder",  # noqa: S106 (replaced just below)
         )
         client = await context.__aenter__()
         credentials = getattr(getattr(self.blocking, "_request_signer", None), "_credentials", None)
@@ -100,7 +132,7 @@ class AsyncDynamoDB:
         client._request_signer._credentials = (
             None if credentials is None else SharedCredentials(credentials)
         )
-        return client
+        return _LoopClient(client, self.calls_per_lane)
 
     async def aclose(self) -> None:
         """Close the running event loop's client, if one was built."""
@@ -109,4 +141,4 @@ class AsyncDynamoDB:
         if self._last[0] is loop:
             self._last = (None, None)
         if build is not None and build.done() and build.exception() is None:
-            await build.result().close()
+            await build.result().client.close()
