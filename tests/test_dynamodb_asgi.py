@@ -85,7 +85,7 @@ async def test_claims_run_in_as_many_threads_as_the_layer_says(
 ) -> None:
     # botocore's calls are CPU-bound Python: more threads than this only queue at the GIL,
     # and the event loop behind them (BENCHMARKS.md, section 4).
-    layer = CountingLayer(dynamodb_table, boto3_client=dynamodb_client)
+    layer = CountingLayer(dynamodb_table, boto3_client=dynamodb_client, async_client=False)
     middleware = IdempotencyMiddleware(created, persistence_layer=layer)
     assert middleware.store_threads() == DynamoDBPersistenceLayer.max_store_threads == 2
     assert await run_requests(middleware, 12) == [201] * 12
@@ -95,7 +95,7 @@ async def test_claims_run_in_as_many_threads_as_the_layer_says(
 async def test_max_store_threads_set_on_the_middleware_wins(
     dynamodb_table: str, dynamodb_client: Any
 ) -> None:
-    layer = CountingLayer(dynamodb_table, boto3_client=dynamodb_client)
+    layer = CountingLayer(dynamodb_table, boto3_client=dynamodb_client, async_client=False)
     middleware = IdempotencyMiddleware(created, persistence_layer=layer)
     middleware.max_store_threads = 4
     assert await run_requests(middleware, 12) == [201] * 12
