@@ -12,6 +12,12 @@ DynamoDB-bound covered requests in flight, a probe sends ``GET /health`` (not co
 time and its p99 latency is compared with the same probe's on the idle server::
 
     python -m benchmarks.http_load [--seconds 5]
+
+``--health VARIANT`` (repeatable) runs section 4 alone for ways of making the DynamoDB calls -
+worker threads or aiobotocore on the loop, at most 8, 2 or 1 calls in flight per lane - each on
+its own server, interleaved in ``--rounds``, on one DynamoDB Local table::
+
+    python -m benchmarks.http_load --health "threads 8" --health "async 2" --rounds 3
 """
 
 from __future__ import annotations

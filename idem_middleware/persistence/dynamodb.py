@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import boto3
@@ -287,7 +287,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         data_record.response_data = self._without_body(data_record.response_data)
         return self._encode_data(data_record.response_data)
 
-    def _completing(self, data_record: DataRecord, *, retry: bool) -> Any:
+    def _completing(self, data_record: DataRecord, *, retry: bool) -> AbstractContextManager[None]:
         """The completion's error mapping: the first attempt lets an item-too-large error
         through (retried without the body), the retry does not (too large even without the
         body: huge headers).
