@@ -105,22 +105,32 @@ def _layer(table: str, client: Any) -> BasePersistenceLayer:
 
 
 class OursASGI:
-    """The ASGI middleware on an event loop; store calls go to worker threads."""
+    """The ASGI middleware on an event loop; store calls go to worker threads, or with
+    aiobotocore installed (the ``dynamodb-async`` extra) to its client on the loop.
+    """
 
     name = "ours, ASGI"
 
     def __init__(self, endpoint_url: str, table: str) -> None:
         self.client = _client(endpoint_url)
         self.counter = CallCounter(self.client)
+        self.loop = asyncio.new_event_loop()
+        layers = {cached: _layer(table, self.client) for cached in (False, True)}
+        self.layers = list(layers.values())
+        for layer in self.layers:
+            asynchronous = getattr(layer, "_async", None)
+            if layer.native_async and asynchronous is not None:
+                # The loop's aiobotocore client, built now, counted by the same hook.
+                built = self.loop.run_until_complete(asynchronous.client())
+                built.client.meta.events.register("before-call.dynamodb", self.counter._before_call)
         self.apps: dict[bool, ASGIApp] = {
             cached: IdempotencyMiddleware(
                 order_app,
-                persistence_layer=_layer(table, self.client),
+                persistence_layer=layer,
                 config=IdempotencyConfig(use_local_cache=cached),
             )
-            for cached in (False, True)
+            for cached, layer in layers.items()
         }
-        self.loop = asyncio.new_event_loop()
 
     def request(self, key: str, *, cached: bool, replayed: bool) -> None:
         responses: list[Message] = []
@@ -130,6 +140,10 @@ class OursASGI:
             raise RuntimeError(f"{self.name}: unexpected response {responses[0]!r} for {key!r}")
 
     def close(self) -> None:
+        for layer in self.layers:
+            aclose = getattr(layer, "aclose", None)
+            if aclose is not None:
+                self.loop.run_until_complete(aclose())
         self.loop.close()
 
 

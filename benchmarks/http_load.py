@@ -12,12 +12,19 @@ DynamoDB-bound covered requests in flight, a probe sends ``GET /health`` (not co
 time and its p99 latency is compared with the same probe's on the idle server::
 
     python -m benchmarks.http_load [--seconds 5]
+
+``--health VARIANT`` (repeatable) runs section 4 alone for ways of making the DynamoDB calls -
+worker threads or aiobotocore on the loop, at most 8, 2 or 1 calls in flight per lane - each on
+its own server, interleaved in ``--rounds``, on one DynamoDB Local table::
+
+    python -m benchmarks.http_load --health "threads 8" --health "async 2" --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import statistics
 import tempfile
 import threading
@@ -27,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks import loadgen
 from benchmarks.apps import ORDER_BODY, ORDER_PATH
@@ -236,8 +244,49 @@ def _p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def measure_loop_health(env: dict[str, str], log_dir: Path, seconds: float) -> LoopHealth:
-    with serve(STARLETTE, "dynamodb", env, log_dir) as base_url:
+#: Section 4's ways of making the DynamoDB store calls, each served by
+#: ``benchmarks.http_load:served_health_app``: the environment it is given.
+HEALTH_VARIANTS: dict[str, dict[str, str]] = {
+    "threads 8": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "8"},
+    "threads 4": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "4"},
+    "threads 2": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "2"},
+    "threads 1": {"BENCH_DYNAMODB_PATH": "threads", "BENCH_STORE_THREADS_MAX": "1"},
+    "async 8": {"BENCH_DYNAMODB_PATH": "async", "BENCH_STORE_THREADS_MAX": "8"},
+    "async 2": {"BENCH_DYNAMODB_PATH": "async", "BENCH_STORE_THREADS_MAX": "2"},
+    "async 1": {"BENCH_DYNAMODB_PATH": "async", "BENCH_STORE_THREADS_MAX": "1"},
+}
+
+
+def served_health_app() -> Any:
+    """The Starlette app over DynamoDB the way ``BENCH_DYNAMODB_PATH`` says: ``threads`` (worker
+    threads) or ``async`` (aiobotocore on the event loop), with at most
+    ``BENCH_STORE_THREADS_MAX`` store calls in flight per lane (claims; completions):
+    ``uvicorn --factory benchmarks.http_load:served_health_app``.
+    """
+    from starlette.middleware import Middleware
+
+    from benchmarks.apps import build_starlette
+    from example_apps.store import persistence_layer_from_env
+    from idem_middleware import IdempotencyMiddleware
+    from idem_middleware.persistence import DynamoDBPersistenceLayer
+
+    calls = int(os.environ.get("BENCH_STORE_THREADS_MAX", "8"))
+    layer = persistence_layer_from_env()
+    assert isinstance(layer, DynamoDBPersistenceLayer)
+    if os.environ.get("BENCH_DYNAMODB_PATH") == "async":
+        if layer._async is None:
+            raise RuntimeError("the async variant needs aiobotocore (the dynamodb-async extra)")
+        layer._async.calls_per_lane = calls
+    else:
+        layer.native_async = False
+    middleware = type("Middleware", (IdempotencyMiddleware,), {"max_store_threads": calls})
+    return build_starlette([Middleware(middleware, persistence_layer=layer)])
+
+
+def measure_loop_health(
+    env: dict[str, str], log_dir: Path, seconds: float, app: str = "benchmarks.apps:served_app"
+) -> LoopHealth:
+    with serve(STARLETTE, "dynamodb", env, log_dir, app) as base_url:
         probe = HealthProbe(base_url)
         probe.sample(1)  # warm-up
         idle = probe.sample(seconds)
@@ -341,12 +390,64 @@ def _create_table(endpoint_url: str) -> str:
     return table
 
 
+def compare_loop_health(
+    variants: list[str], rounds: int, seconds: float, dynamodb_url: str | None = None
+) -> dict[str, list[LoopHealth]]:
+    """Section 4 for each of ``variants`` (names in ``HEALTH_VARIANTS``), interleaved in rounds
+    on one DynamoDB Local table.
+    """
+    from benchmarks.store_roundtrips import dynamodb
+
+    results: dict[str, list[LoopHealth]] = {name: [] for name in variants}
+    with (
+        tempfile.TemporaryDirectory(prefix="idem-bench-") as tmp,
+        dynamodb(dynamodb_url) as (url, _),
+    ):
+        workdir = Path(tmp)
+        env = _store_env("dynamodb", workdir, url, _create_table(url))
+        app = "benchmarks.http_load:served_health_app"
+        # DynamoDB Local's JIT warms up in the first seconds of load: not in the first variant.
+        measure_loop_health(env | HEALTH_VARIANTS[variants[0]], workdir, seconds, app)
+        for _round in range(rounds):
+            for name in variants:
+                health = measure_loop_health(env | HEALTH_VARIANTS[name], workdir, seconds, app)
+                results[name].append(health)
+                print(f"  {name:<12} {_health_line(health)}", flush=True)
+    return results
+
+
+def _health_line(h: LoopHealth) -> str:
+    return (
+        f"idle p50 {h.idle_p50_ms:.2f} p99 {h.idle_p99_ms:.2f} ms; loaded p50 "
+        f"{h.loaded_p50_ms:.2f} p99 {h.loaded_p99_ms:.2f} ms ({h.ratio:.1f}x); "
+        f"covered {h.covered_rps:.0f} req/s, errors {h.covered_errors}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--endpoint-url")
     parser.add_argument("--store", action="append", choices=STORES, help="repeatable")
+    parser.add_argument(
+        "--health",
+        action="append",
+        choices=list(HEALTH_VARIANTS),
+        help="only section 4, for these ways of calling DynamoDB (repeatable), interleaved",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --health")
     args = parser.parse_args(argv)
+    if args.health:
+        results = compare_loop_health(args.health, args.rounds, args.seconds, args.endpoint_url)
+        print("medians over rounds:")
+        for name, rows in results.items():
+            print(
+                f"  {name:<12} loaded/idle p99 "
+                f"{statistics.median(h.ratio for h in rows):.1f}x, loaded p99 "
+                f"{statistics.median(h.loaded_p99_ms for h in rows):.2f} ms, covered "
+                f"{statistics.median(h.covered_rps for h in rows):.0f} req/s"
+            )
+        return 0
     result = run(args.seconds, args.endpoint_url, tuple(args.store or STORES))
     print(f"load generator: {result.generator}, {CONNECTIONS} connections, {args.seconds}s")
     for row in result.rows:

@@ -79,8 +79,9 @@ class IdempotencyMiddleware:
     #: their own (a finished request never waits behind new claims). More threads add no
     #: throughput - they take turns at the GIL, and the event loop queues behind them
     #: (BENCHMARKS.md: the p99 of an uncovered request under load) - and would take anyio's
-    #: shared pool from the app's sync endpoints.
-    max_store_threads: int = 8
+    #: shared pool from the app's sync endpoints. ``None``: the persistence layer's own
+    #: ``max_store_threads`` when it has one (DynamoDB's, whose calls are CPU-heavy), else 8.
+    max_store_threads: int | None = None
 
     def __init__(
         self,
@@ -105,11 +106,18 @@ class IdempotencyMiddleware:
         """The limiter of this middleware's completions and releases in the running event loop."""
         return self._limiter(self._finish_limiter)
 
+    def store_threads(self) -> int:
+        """The size of each lane: ``max_store_threads``, else the layer's hint, else 8."""
+        if self.max_store_threads is not None:
+            return self.max_store_threads
+        hint = getattr(self.engine.persistence_layer, "max_store_threads", None)
+        return hint if isinstance(hint, int) and hint > 0 else 8
+
     def _limiter(self, var: RunVar[anyio.CapacityLimiter]) -> anyio.CapacityLimiter:
         try:
             return var.get()
         except LookupError:
-            limiter = anyio.CapacityLimiter(self.max_store_threads)
+            limiter = anyio.CapacityLimiter(self.store_threads())
             var.set(limiter)
             return limiter
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import boto3
 from botocore.config import Config
@@ -41,6 +41,12 @@ from idem_middleware.exceptions import (
     StoreUnreachableError,
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
+from idem_middleware.persistence.dynamodb_async import (
+    CLAIM,
+    FINISH,
+    AsyncDynamoDB,
+    aiobotocore_installed,
+)
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 
@@ -89,7 +95,17 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
     Pass ``boto3_client`` (e.g. one pointed at DynamoDB Local), or a ``boto3_session`` and
     ``boto_config`` to build one. ``lease_id_attr`` is the one attribute Powertools' table does
     not have (an extra attribute, so the table stays shared-compatible).
+
+    Under ASGI, with aiobotocore installed (the ``dynamodb-async`` extra), the store calls run
+    on the event loop through an aiobotocore client built from the boto3 client's region,
+    endpoint, config and credentials, one per event loop; ``async_client=False`` keeps them
+    in worker threads, ``async_client=True`` insists on aiobotocore.
     """
+
+    #: Worker threads per lane under ASGI (``IdempotencyMiddleware.max_store_threads``, when
+    #: not set, is this): botocore's request path is CPU-bound Python, so more threads only
+    #: queue at the GIL, and the event loop queues behind them (BENCHMARKS.md, section 4).
+    max_store_threads: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -106,6 +122,7 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         boto3_session: boto3.session.Session | None = None,
         boto3_client: DynamoDBClient | None = None,
         lease_id_attr: str = "lease_id",
+        async_client: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(table_name, str) or not table_name:
@@ -136,10 +153,29 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         self.data_attr = data_attr
         self.validation_key_attr = validation_key_attr
         self.lease_id_attr = lease_id_attr
+        if async_client is None:
+            async_client = aiobotocore_installed()
+        elif async_client and not aiobotocore_installed():
+            raise ValueError(
+                "async_client=True needs aiobotocore: pip install 'idem-middleware[dynamodb-async]'"
+            )
+        self._async = AsyncDynamoDB(boto3_client, self.max_store_threads) if async_client else None
+        #: Whether store calls run on the event loop (through aiobotocore) under ASGI.
+        self.native_async = self._async is not None
 
-    # Primitives ---------------------------------------------------------------------------
+    # Primitives: each builds its request, sends it blocking or awaited, and reads the answer --
 
     def _put_record(self, data_record: DataRecord) -> None:
+        request = self._claim_request(data_record)
+        with self._claiming():
+            self.client.put_item(**request)
+
+    async def _aput_record(self, data_record: DataRecord) -> None:
+        request = self._claim_request(data_record)
+        with self._claiming():
+            await self._acall(CLAIM, "put_item", request)
+
+    def _claim_request(self, data_record: DataRecord) -> dict[str, Any]:
         now = self.clock()
         item = self._key(data_record.idempotency_key)
         item[self.expiry_attr] = _number(data_record.expiry_timestamp)
@@ -149,24 +185,29 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             item[self.validation_key_attr] = {"S": data_record.payload_hash}
         if data_record.lease_id is not None:
             item[self.lease_id_attr] = {"S": data_record.lease_id}
+        return {
+            "TableName": self.table_name,
+            "Item": item,
+            "ConditionExpression": _CLAIM_CONDITION,
+            "ExpressionAttributeNames": {
+                "#id": self.key_attr,
+                "#expiry": self.expiry_attr,
+                "#in_progress_expiry": self.in_progress_expiry_attr,
+                "#status": self.status_attr,
+            },
+            "ExpressionAttributeValues": {
+                ":now": {"N": str(int(now))},
+                ":now_in_millis": {"N": str(int(now * 1000))},
+                ":inprogress": {"S": STATUS_INPROGRESS},
+            },
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+
+    @contextmanager
+    def _claiming(self) -> Iterator[None]:
+        """A claim: a failed condition is the record another request holds."""
         try:
-            self.client.put_item(
-                TableName=self.table_name,
-                Item=item,
-                ConditionExpression=_CLAIM_CONDITION,
-                ExpressionAttributeNames={
-                    "#id": self.key_attr,
-                    "#expiry": self.expiry_attr,
-                    "#in_progress_expiry": self.in_progress_expiry_attr,
-                    "#status": self.status_attr,
-                },
-                ExpressionAttributeValues={
-                    ":now": {"N": str(int(now))},
-                    ":now_in_millis": {"N": str(int(now * 1000))},
-                    ":inprogress": {"S": STATUS_INPROGRESS},
-                },
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
+            yield
         except ClientError as exc:
             if _error_code(exc) == "ConditionalCheckFailedException":
                 old_item: dict[str, Any] | None = exc.response.get("Item")  # type: ignore[assignment]
@@ -178,12 +219,23 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             self._raise_store_error("PutItem", exc)
 
     def _get_record(self, idempotency_key: str) -> DataRecord:
-        try:
-            response = self.client.get_item(
-                TableName=self.table_name, Key=self._key(idempotency_key), ConsistentRead=True
-            )
-        except (ClientError, BotoCoreError) as exc:
-            self._raise_store_error("GetItem", exc)
+        with self._store_errors("GetItem"):
+            response = self.client.get_item(**self._get_request(idempotency_key))
+        return self._got(idempotency_key, response)
+
+    async def _aget_record(self, idempotency_key: str) -> DataRecord:
+        with self._store_errors("GetItem"):
+            response = await self._acall(CLAIM, "get_item", self._get_request(idempotency_key))
+        return self._got(idempotency_key, response)
+
+    def _get_request(self, idempotency_key: str) -> dict[str, Any]:
+        return {
+            "TableName": self.table_name,
+            "Key": self._key(idempotency_key),
+            "ConsistentRead": True,
+        }
+
+    def _got(self, idempotency_key: str, response: Any) -> DataRecord:
         item = response.get("Item")
         if item is None:
             raise IdempotencyItemNotFoundError(idempotency_key)
@@ -194,27 +246,59 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         ``data_record.response_data`` says so: the record this process keeps (and caches) must
         replay what every other process replays.
         """
+        data = self._completion_data(data_record)
+        try:
+            with self._completing(data_record, retry=False):
+                self.client.update_item(**self._completion_request(data_record, data))
+        except ClientError as exc:
+            data = self._without_body_after(data_record, exc)
+            with self._completing(data_record, retry=True):
+                self.client.update_item(**self._completion_request(data_record, data))
+
+    async def _aupdate_record(self, data_record: DataRecord) -> None:
+        data = self._completion_data(data_record)
+        try:
+            with self._completing(data_record, retry=False):
+                await self._acall(
+                    FINISH, "update_item", self._completion_request(data_record, data)
+                )
+        except ClientError as exc:
+            data = self._without_body_after(data_record, exc)
+            with self._completing(data_record, retry=True):
+                await self._acall(
+                    FINISH, "update_item", self._completion_request(data_record, data)
+                )
+
+    def _completion_data(self, data_record: DataRecord) -> AttributeValueTypeDef | None:
         data = self._encode_data(data_record.response_data)
         if data is not None and self._item_size(data_record, data) > MAX_ITEM_BYTES:
             data_record.response_data = self._without_body(data_record.response_data)
             data = self._encode_data(data_record.response_data)
-        try:
-            self._conditional_update(data_record, data)
-        except ClientError as exc:
-            if not _is_item_too_large(exc):
-                raise
-            # Our estimate of the item size was short of DynamoDB's: drop the body rather than
-            # fail a request whose handler has already run.
-            data_record.response_data = self._without_body(data_record.response_data)
-            data = self._encode_data(data_record.response_data)
-            try:
-                self._conditional_update(data_record, data)
-            except ClientError as retry_exc:  # too large even without the body (huge headers)
-                self._raise_store_error("UpdateItem", retry_exc)
+        return data
 
-    def _conditional_update(
+    def _without_body_after(
+        self, data_record: DataRecord, exc: ClientError
+    ) -> AttributeValueTypeDef | None:
+        """Our estimate of the item size was short of DynamoDB's: drop the body rather than
+        fail a request whose handler has already run (any other error is raised again).
+        """
+        if not _is_item_too_large(exc):
+            raise exc
+        data_record.response_data = self._without_body(data_record.response_data)
+        return self._encode_data(data_record.response_data)
+
+    def _completing(self, data_record: DataRecord, *, retry: bool) -> AbstractContextManager[None]:
+        """The completion's error mapping: the first attempt lets an item-too-large error
+        through (retried without the body), the retry does not (too large even without the
+        body: huge headers).
+        """
+        if retry:
+            return self._fenced("UpdateItem", data_record.idempotency_key)
+        return self._fenced("UpdateItem", data_record.idempotency_key, passes=_is_item_too_large)
+
+    def _completion_request(
         self, data_record: DataRecord, data: AttributeValueTypeDef | None
-    ) -> None:
+    ) -> dict[str, Any]:
         condition, names, values = self._lease_condition(data_record)
         names["#expiry"] = self.expiry_attr
         values[":expiry"] = _number(data_record.expiry_timestamp)
@@ -228,15 +312,14 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
             names["#validation"] = self.validation_key_attr
             values[":validation"] = {"S": data_record.payload_hash}
             assignments.append("#validation = :validation")
-        with self._fenced("UpdateItem", data_record.idempotency_key, passes=_is_item_too_large):
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(data_record.idempotency_key),
-                UpdateExpression="SET " + ", ".join(assignments),
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
+        return {
+            "TableName": self.table_name,
+            "Key": self._key(data_record.idempotency_key),
+            "UpdateExpression": "SET " + ", ".join(assignments),
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }
 
     @contextmanager
     def _fenced(
@@ -260,6 +343,14 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         except BotoCoreError as exc:
             self._raise_store_error(operation, exc)
 
+    @contextmanager
+    def _store_errors(self, operation: str) -> Iterator[None]:
+        """An unconditional call: any error is a store error."""
+        try:
+            yield
+        except (ClientError, BotoCoreError) as exc:
+            self._raise_store_error(operation, exc)
+
     def _lease_condition(
         self, lease: DataRecord
     ) -> tuple[str, dict[str, str], dict[str, AttributeValueTypeDef]]:
@@ -279,30 +370,55 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         return _LEASE_CONDITION, names, values
 
     def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        with self._fenced("UpdateItem (lease renewal)", lease.idempotency_key):
+            self.client.update_item(**self._renew_request(lease, renewed))
+
+    async def _arenew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        with self._fenced("UpdateItem (lease renewal)", lease.idempotency_key):
+            await self._acall(FINISH, "update_item", self._renew_request(lease, renewed))
+
+    def _renew_request(self, lease: DataRecord, renewed: DataRecord) -> dict[str, Any]:
         condition, names, values = self._lease_condition(lease)
         names["#expiry"] = self.expiry_attr
         values[":renewed"] = _number(renewed.in_progress_expiry_timestamp)
         values[":expiry"] = _number(renewed.expiry_timestamp)
-        with self._fenced("UpdateItem (lease renewal)", lease.idempotency_key):
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(lease.idempotency_key),
-                UpdateExpression="SET #in_progress_expiry = :renewed, #expiry = :expiry",
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
+        return {
+            "TableName": self.table_name,
+            "Key": self._key(lease.idempotency_key),
+            "UpdateExpression": "SET #in_progress_expiry = :renewed, #expiry = :expiry",
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }
 
     def _delete_record(self, data_record: DataRecord) -> None:
-        condition, names, values = self._lease_condition(data_record)
         with self._fenced("DeleteItem", data_record.idempotency_key):
-            self.client.delete_item(
-                TableName=self.table_name,
-                Key=self._key(data_record.idempotency_key),
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
+            self.client.delete_item(**self._release_request(data_record))
+
+    async def _adelete_record(self, data_record: DataRecord) -> None:
+        with self._fenced("DeleteItem", data_record.idempotency_key):
+            await self._acall(FINISH, "delete_item", self._release_request(data_record))
+
+    def _release_request(self, data_record: DataRecord) -> dict[str, Any]:
+        condition, names, values = self._lease_condition(data_record)
+        return {
+            "TableName": self.table_name,
+            "Key": self._key(data_record.idempotency_key),
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }
+
+    async def _acall(self, lane: str, operation: str, request: dict[str, Any]) -> Any:
+        """``operation`` on the running event loop's aiobotocore client, in ``lane``."""
+        if self._async is None:
+            raise RuntimeError("this DynamoDBPersistenceLayer has no asyncio client")
+        return await self._async.call(lane, operation, request)
+
+    async def aclose(self) -> None:
+        """Close the asyncio client this layer built for the running event loop, if any."""
+        if self._async is not None:
+            await self._async.aclose()
 
     def _remove_record(self, idempotency_key: str) -> bool:
         try:

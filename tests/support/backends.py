@@ -68,6 +68,52 @@ def _dynamodb(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     return DynamoDBPersistenceLayer(table, boto3_client=client)
 
 
+def _dynamodb_async(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
+    from idem_middleware.persistence.record import DataRecord
+    from tests.support.async_redis import LoopThread
+
+    class AsyncDrivenDynamoDBLayer(DynamoDBPersistenceLayer):
+        """Every record primitive runs as its aiobotocore twin on one event loop of its own,
+        shared by the race tests' threads as concurrent requests share a server's loop.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.loop_thread = LoopThread()
+
+        def _put_record(self, data_record: DataRecord) -> None:
+            self.loop_thread.run(self._aput_record(data_record))
+
+        def _get_record(self, idempotency_key: str) -> DataRecord:
+            return self.loop_thread.run(self._aget_record(idempotency_key))
+
+        def _update_record(self, data_record: DataRecord) -> None:
+            self.loop_thread.run(self._aupdate_record(data_record))
+
+        def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+            self.loop_thread.run(self._arenew_record(lease, renewed))
+
+        def _delete_record(self, data_record: DataRecord) -> None:
+            self.loop_thread.run(self._adelete_record(data_record))
+
+        def close(self) -> None:
+            self.loop_thread.run(self.aclose())
+            self.loop_thread.stop()
+
+    table = request.getfixturevalue("dynamodb_table")
+    client = request.getfixturevalue("dynamodb_client")
+    layer = AsyncDrivenDynamoDBLayer(table, boto3_client=client, async_client=True)
+    request.addfinalizer(layer.close)
+    return layer
+
+
+def _aiobotocore_missing() -> bool:
+    from idem_middleware.persistence.dynamodb_async import aiobotocore_installed
+
+    return not aiobotocore_installed()
+
+
 def _sqlite(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     from idem_middleware.persistence.sqlite import SQLitePersistenceLayer
 
@@ -135,6 +181,16 @@ def _postgres(request: pytest.FixtureRequest) -> BasePersistenceLayer:
 BACKENDS: tuple[Backend, ...] = (
     Backend("memory", _memory),
     Backend("dynamodb", _dynamodb, marks=(pytest.mark.dynamodb,)),
+    Backend(
+        "dynamodb-async",
+        _dynamodb_async,
+        marks=(
+            pytest.mark.dynamodb,
+            pytest.mark.skipif(
+                _aiobotocore_missing(), reason="aiobotocore (the dynamodb-async extra)"
+            ),
+        ),
+    ),
     Backend("sqlite", _sqlite),
     Backend("redis", _redis, marks=(pytest.mark.redis,)),
     Backend("redis-async", _redis_async, marks=(pytest.mark.redis,)),
