@@ -738,10 +738,15 @@ def _settled(row: tuple[Any, ...] | None) -> bool:
 
 
 def _is_connection_failure(exc: psycopg.Error) -> bool:
-    # Client-side connection errors carry no SQLSTATE; the server's are class 08.
+    # Client-side connection errors carry no SQLSTATE; the server's are class 08, and a server
+    # ending the session (an operator's pg_terminate_backend, a shutdown, a failover) says 57P0x.
     return isinstance(exc, psycopg.OperationalError) and (
-        exc.sqlstate is None or exc.sqlstate.startswith("08")
+        exc.sqlstate is None or exc.sqlstate.startswith("08") or exc.sqlstate in _SESSION_ENDED
     )
+
+
+#: admin_shutdown, crash_shutdown, cannot_connect_now: the server ended or refused the session.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
 
 
 def _connection_error_type(exc: psycopg.OperationalError) -> type[IdempotencyPersistenceLayerError]:
