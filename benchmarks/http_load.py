@@ -5,7 +5,8 @@ example app on gunicorn (one worker, ``gthread``), bare and with the middleware 
 SQLite, DynamoDB Local and Redis stores, and loads each with 32 keep-alive connections over
 loopback: new keys, then replays of keys created beforehand. On Starlette, Redis also runs with
 its store calls in worker threads (its native asyncio path off) and under asgi-idempotency-header
-with its ``redis.asyncio`` backend, on the same private redis-server.
+with its ``redis.asyncio`` backend, on the same private redis-server; PostgreSQL also runs with
+its store calls in worker threads.
 
 Section 4 asks whether store I/O ever holds up the event loop: while 32 connections keep
 DynamoDB-bound covered requests in flight, a probe sends ``GET /health`` (not covered) one at a
@@ -50,6 +51,12 @@ REDIS_VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("ours, redis (threads)", "benchmarks.apps:served_app", {"BENCH_STORE_THREADS": "on"}),
     ("asgi-idempotency-header, redis", "benchmarks.apps:served_peer_redis_app", {}),
 )
+#: Starlette only: PostgreSQL with its store calls in worker threads (its asyncio path off).
+POSTGRES_VARIANTS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("ours, postgres (threads)", "benchmarks.apps:served_app", {"BENCH_STORE_THREADS": "on"}),
+)
+#: The extra Starlette variants run after a store's own row.
+STORE_VARIANTS = {"redis": REDIS_VARIANTS, "postgres": POSTGRES_VARIANTS}
 # DynamoDB Local keeps one database per access key and region: the servers and the process that
 # creates the table must use the same ones.
 CREDENTIALS = {
@@ -329,8 +336,8 @@ def run(
                 for store in (None, *stores):
                     env = _store_env(store, workdir, url, table, redis.url, postgres_url)
                     rows += _measure_server(target, store, env, workdir, seconds)
-                    if target is STARLETTE and store == "redis":
-                        for variant, app, extra in REDIS_VARIANTS:
+                    if target is STARLETTE and store is not None:
+                        for variant, app, extra in STORE_VARIANTS.get(store, ()):
                             rows += _measure_server(
                                 target, store, env | extra, workdir, seconds, variant, app
                             )

@@ -48,7 +48,7 @@ from idem_middleware.persistence.memory import InMemoryPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import StoredResponse
-from tests.support.backends import FakeClock, write_raw_record
+from tests.support.backends import FakeClock, is_postgres, write_raw_record
 from tooling.processes import free_port
 
 EXPIRES = 3600
@@ -465,7 +465,7 @@ def test_a_corrupt_record_is_a_store_error(
     }
     if isinstance(persistence_layer, InMemoryPersistenceLayer) and "expiry" in corruption:
         pytest.skip("the in-memory store keeps objects: an expiry is always a number")
-    if type(persistence_layer).__name__ == "PostgresPersistenceLayer" and "expiry" in corruption:
+    if is_postgres(persistence_layer) and "expiry" in corruption:
         pytest.skip("PostgreSQL's expiration column is BIGINT: an expiry is always a number")
     events: list[IdempotencyEvent] = []
     engine = IdempotencyEngine(
@@ -494,7 +494,7 @@ def test_reading_a_corrupt_record_raises_a_typed_store_error(
 ) -> None:
     if isinstance(persistence_layer, InMemoryPersistenceLayer):
         pytest.skip("the in-memory store keeps objects: nothing to parse")
-    if type(persistence_layer).__name__ == "PostgresPersistenceLayer" and "expiry" in corruption:
+    if is_postgres(persistence_layer) and "expiry" in corruption:
         pytest.skip("PostgreSQL's expiration column is BIGINT: an expiry is always a number")
     persistence_layer.configure(IdempotencyConfig())
     key = persistence_layer.build_idempotency_key("header:corrupt")

@@ -15,10 +15,15 @@ Completion, lease renewal and release are fenced on the lease token (``in_progre
 and ``lease_id``), as in the DynamoDB layer, whose attribute names the columns mirror. Expired
 rows are deleted in short batches by a background thread, at most every
 ``purge_interval_seconds``, never on a request.
+
+Under ASGI the layer runs on the event loop through psycopg's asyncio connections
+(``native_async``): the same statements, one ``AsyncConnectionPool`` per event loop, and no
+worker thread per store call; WSGI, the CLI and the purge use the blocking pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -27,14 +32,14 @@ import re
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from idem_middleware.exceptions import (
     IdempotencyInvalidStatusError,
@@ -54,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _COLUMNS = "id, status, expiration, in_progress_expiration, data, validation, lease_id"
+_SET_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %s, false)"
 #: A claim that finds neither a claim nor a record has met a row committed after its snapshot;
 #: each rerun sees everything committed before it starts, so more than a few means a fault.
 _CLAIM_ATTEMPTS = 10
@@ -65,21 +71,37 @@ class ConnectionSource(Protocol):
     def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]: ...
 
 
+class AsyncConnectionSource(Protocol):
+    """Anything that lends psycopg asyncio connections the way
+    ``psycopg_pool.AsyncConnectionPool`` does.
+    """
+
+    def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]: ...
+
+
 class PostgresPersistenceLayer(BasePersistenceLayer):
     """Records in a PostgreSQL table, for apps that already run PostgreSQL.
 
     Pass ``conninfo`` (a libpq connection string or ``postgresql://`` URL) and the layer opens its
     own ``psycopg_pool.ConnectionPool`` on first use, in each process (a layer built before the
-    server forks its workers is safe to use in every worker). Or pass ``pool``: a connection pool
-    you own and open (``psycopg_pool.ConnectionPool`` or anything with a ``connection()`` context
-    manager lending ``psycopg.Connection`` objects); the layer never closes it.
+    server forks its workers is safe to use in every worker), and under ASGI its own
+    ``psycopg_pool.AsyncConnectionPool`` on each event loop it runs on, so the store calls are
+    awaited there with no worker thread; :meth:`aclose` closes the running loop's. Or pass
+    ``pool``: a connection pool you own and open (``psycopg_pool.ConnectionPool`` or anything
+    with a ``connection()`` context manager lending ``psycopg.Connection`` objects), and for the
+    asyncio path its counterpart as ``async_pool`` (an open ``AsyncConnectionPool`` on the
+    server's event loop, or anything whose ``connection()`` is an async context manager lending
+    ``psycopg.AsyncConnection`` objects), or the store calls run in worker threads; the layer
+    never closes either.
 
     The layer's own connections are in autocommit mode, so every statement is its own
     transaction and no row lock outlives it; a supplied pool's connections should be too (or
     READ COMMITTED, each ``connection()`` block committing at its end). ``pool_timeout_seconds``
     bounds the wait for a pooled connection and ``statement_timeout_seconds`` every statement on
     the layer's own connections, so an unreachable or stuck database answers a request with a
-    503 within seconds.
+    503 within seconds. The layer's own connections prepare each statement on its first use
+    (``prepare_threshold``, as psycopg's connection option of that name; ``None`` for none, e.g.
+    behind PgBouncer older than 1.22 in transaction mode).
 
     The table is created by :meth:`create_table` (once, at deploy time or startup), not on a
     request. Expired records are deleted by a background thread every ``purge_interval_seconds``,
@@ -91,6 +113,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         conninfo: str | None = None,
         *,
         pool: ConnectionSource | None = None,
+        async_pool: AsyncConnectionSource | None = None,
         table_name: str = "idempotency_records",
         schema: str | None = None,
         min_pool_size: int = 1,
@@ -100,12 +123,23 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         statement_timeout_seconds: float | None = 5.0,
         purge_interval_seconds: float = 300.0,
         purge_batch_size: int = 1000,
+        prepare_threshold: int | None = 0,
     ) -> None:
         super().__init__()
         if (conninfo is None) == (pool is None):
             raise ValueError("pass either conninfo or pool (exactly one)")
         if pool is not None and not callable(getattr(pool, "connection", None)):
             raise TypeError("pool must lend connections through a connection() context manager")
+        if async_pool is not None:
+            if pool is None:
+                raise ValueError(
+                    "async_pool comes with pool: the blocking pool serves WSGI, the CLI, "
+                    "check(), create_table() and the purge"
+                )
+            if not callable(getattr(async_pool, "connection", None)):
+                raise TypeError(
+                    "async_pool must lend connections through an async connection() context manager"
+                )
         if not isinstance(table_name, str) or not _IDENTIFIER.fullmatch(table_name):
             raise ValueError(f"table_name must be a plain SQL identifier, got {table_name!r}")
         if schema is not None and (
@@ -135,6 +169,10 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             raise ValueError("purge_interval_seconds must be > 0")
         if not _is_int(purge_batch_size) or purge_batch_size < 1:
             raise ValueError("purge_batch_size must be >= 1")
+        if prepare_threshold is not None and (
+            not _is_int(prepare_threshold) or prepare_threshold < 0
+        ):
+            raise ValueError("prepare_threshold must be an integer >= 0 (or None for none)")
 
         self.conninfo = conninfo
         self.table_name = table_name
@@ -146,6 +184,7 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
         self.statement_timeout_seconds = statement_timeout_seconds
         self.purge_interval_seconds = purge_interval_seconds
         self.purge_batch_size = purge_batch_size
+        self.prepare_threshold = prepare_threshold
 
         if conninfo is not None:
             try:
@@ -163,6 +202,22 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
                 with contextlib.suppress(psycopg.Error):
                     self.location = _describe(conninfo_to_dict(pool_conninfo))
         self._user_pool = pool
+        self._user_async_pool = async_pool
+        #: Whether store calls can run on the event loop (an asyncio pool is at hand).
+        self.native_async = async_pool is not None or conninfo is not None
+        # An asyncio pool serves the event loop it was opened on: one per loop, dropped with its
+        # loop. The last one used is kept at hand, as a server runs one loop.
+        self._async_by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncConnectionPool[Any]
+        ] = weakref.WeakKeyDictionary()
+        # Each pool's closer task, referenced here so that it lives as long as its loop.
+        self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last_async: tuple[asyncio.AbstractEventLoop | None, AsyncConnectionSource | None] = (
+            None,
+            None,
+        )
         self._pool: ConnectionPool[Any] | None = None
         self._pool_pid = -1
         self._pool_lock = threading.Lock()
@@ -259,11 +314,34 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             ),
         ]
 
-    # Primitives ---------------------------------------------------------------------------
+    # Primitives: each builds its parameters, runs its statement blocking or awaited, and reads
+    # the answer -------------------------------------------------------------------------------
 
     def _put_record(self, data_record: DataRecord) -> None:
         now = self.clock()
-        params = {
+        params = self._claim_params(data_record, now)
+        row: tuple[Any, ...] | None = None
+        with self._store_errors("claim"), self._connection() as connection:
+            for _attempt in range(_CLAIM_ATTEMPTS):
+                row = connection.execute(self._sql_claim, params).fetchone()
+                if _settled(row):
+                    break
+        self._claimed(row, now)
+
+    async def _aput_record(self, data_record: DataRecord) -> None:
+        now = self.clock()
+        params = self._claim_params(data_record, now)
+        row: tuple[Any, ...] | None = None
+        with self._store_errors("claim"):
+            async with await self._aconnection() as connection:
+                for _attempt in range(_CLAIM_ATTEMPTS):
+                    row = await (await _aexecute(connection, self._sql_claim, params)).fetchone()
+                    if _settled(row):
+                        break
+        self._claimed(row, now)
+
+    def _claim_params(self, data_record: DataRecord, now: float) -> dict[str, Any]:
+        return {
             "id": data_record.idempotency_key,
             "status": data_record.status,
             "expiration": data_record.expiry_timestamp,
@@ -274,17 +352,13 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             "now_ms": int(now * 1000),
             "inprogress": STATUS_INPROGRESS,
         }
-        row: tuple[Any, ...] | None = None
-        with self._store_errors("claim"), self._connection() as connection:
-            for _attempt in range(_CLAIM_ATTEMPTS):
-                row = connection.execute(self._sql_claim, params).fetchone()
-                if row is not None and (row[0] or row[1] is not None):
-                    break
-            else:
-                raise IdempotencyPersistenceLayerError(
-                    f"PostgreSQL claim on {self.location} (table {self.qualified_name}) found "
-                    f"neither a free key nor its record in {_CLAIM_ATTEMPTS} attempts"
-                )
+
+    def _claimed(self, row: tuple[Any, ...] | None, now: float) -> None:
+        if not _settled(row):
+            raise IdempotencyPersistenceLayerError(
+                f"PostgreSQL claim on {self.location} (table {self.qualified_name}) found "
+                f"neither a free key nor its record in {_CLAIM_ATTEMPTS} attempts"
+            )
         self._purge_soon(now)
         assert row is not None
         if not row[0]:
@@ -293,57 +367,87 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
     def _get_record(self, idempotency_key: str) -> DataRecord:
         with self._store_errors("read"), self._connection() as connection:
             row = connection.execute(self._sql_select, (idempotency_key,)).fetchone()
+        return self._read(idempotency_key, row)
+
+    async def _aget_record(self, idempotency_key: str) -> DataRecord:
+        with self._store_errors("read"):
+            async with await self._aconnection() as connection:
+                cursor = await _aexecute(connection, self._sql_select, (idempotency_key,))
+                row = await cursor.fetchone()
+        return self._read(idempotency_key, row)
+
+    def _read(self, idempotency_key: str, row: tuple[Any, ...] | None) -> DataRecord:
         if row is None:
             raise IdempotencyItemNotFoundError(idempotency_key)
         return self._to_record(row)
 
     def _update_record(self, data_record: DataRecord) -> None:
-        with self._store_errors("completion"), self._connection() as connection:
-            updated = connection.execute(
-                self._sql_complete,
-                {
-                    "id": data_record.idempotency_key,
-                    "status": data_record.status,
-                    "expiration": data_record.expiry_timestamp,
-                    "data": data_record.response_data,
-                    "validation": data_record.payload_hash,
-                    "inprogress": STATUS_INPROGRESS,
-                    "lease": data_record.in_progress_expiry_timestamp,
-                    "lease_id": data_record.lease_id,
-                },
-            ).rowcount
-        if updated != 1:
-            raise IdempotencyLeaseLostError(data_record.idempotency_key)
+        self._fenced_write("completion", self._sql_complete, self._complete_params(data_record))
+
+    async def _aupdate_record(self, data_record: DataRecord) -> None:
+        await self._afenced_write(
+            "completion", self._sql_complete, self._complete_params(data_record)
+        )
+
+    def _complete_params(self, data_record: DataRecord) -> dict[str, Any]:
+        return {
+            "id": data_record.idempotency_key,
+            "status": data_record.status,
+            "expiration": data_record.expiry_timestamp,
+            "data": data_record.response_data,
+            "validation": data_record.payload_hash,
+            "inprogress": STATUS_INPROGRESS,
+            "lease": data_record.in_progress_expiry_timestamp,
+            "lease_id": data_record.lease_id,
+        }
 
     def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
-        with self._store_errors("lease renewal"), self._connection() as connection:
-            updated = connection.execute(
-                self._sql_renew,
-                {
-                    "id": lease.idempotency_key,
-                    "renewed": renewed.in_progress_expiry_timestamp,
-                    "expiration": renewed.expiry_timestamp,
-                    "inprogress": STATUS_INPROGRESS,
-                    "lease": lease.in_progress_expiry_timestamp,
-                    "lease_id": lease.lease_id,
-                },
-            ).rowcount
-        if updated != 1:
-            raise IdempotencyLeaseLostError(lease.idempotency_key)
+        self._fenced_write("lease renewal", self._sql_renew, self._renew_params(lease, renewed))
+
+    async def _arenew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
+        await self._afenced_write(
+            "lease renewal", self._sql_renew, self._renew_params(lease, renewed)
+        )
+
+    def _renew_params(self, lease: DataRecord, renewed: DataRecord) -> dict[str, Any]:
+        return {
+            "id": lease.idempotency_key,
+            "renewed": renewed.in_progress_expiry_timestamp,
+            "expiration": renewed.expiry_timestamp,
+            "inprogress": STATUS_INPROGRESS,
+            "lease": lease.in_progress_expiry_timestamp,
+            "lease_id": lease.lease_id,
+        }
 
     def _delete_record(self, data_record: DataRecord) -> None:
-        with self._store_errors("release"), self._connection() as connection:
-            deleted = connection.execute(
-                self._sql_release,
-                {
-                    "id": data_record.idempotency_key,
-                    "inprogress": STATUS_INPROGRESS,
-                    "lease": data_record.in_progress_expiry_timestamp,
-                    "lease_id": data_record.lease_id,
-                },
-            ).rowcount
-        if deleted != 1:
-            raise IdempotencyLeaseLostError(data_record.idempotency_key)
+        self._fenced_write("release", self._sql_release, self._release_params(data_record))
+
+    async def _adelete_record(self, data_record: DataRecord) -> None:
+        await self._afenced_write("release", self._sql_release, self._release_params(data_record))
+
+    def _release_params(self, data_record: DataRecord) -> dict[str, Any]:
+        return {
+            "id": data_record.idempotency_key,
+            "inprogress": STATUS_INPROGRESS,
+            "lease": data_record.in_progress_expiry_timestamp,
+            "lease_id": data_record.lease_id,
+        }
+
+    def _fenced_write(self, operation: str, statement: bytes, params: dict[str, Any]) -> None:
+        """A write fenced on the lease: exactly one row changes, or the lease is lost."""
+        with self._store_errors(operation), self._connection() as connection:
+            changed = connection.execute(statement, params).rowcount
+        if changed != 1:
+            raise IdempotencyLeaseLostError(params["id"])
+
+    async def _afenced_write(
+        self, operation: str, statement: bytes, params: dict[str, Any]
+    ) -> None:
+        with self._store_errors(operation):
+            async with await self._aconnection() as connection:
+                changed = (await _aexecute(connection, statement, params)).rowcount
+        if changed != 1:
+            raise IdempotencyLeaseLostError(params["id"])
 
     def _remove_record(self, idempotency_key: str) -> bool:
         with self._store_errors("delete"), self._connection() as connection:
@@ -486,20 +590,81 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             self._pool, self._pool_pid = pool, pid
             return pool
 
+    async def _aconnection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """An asyncio connection of the running loop's pool, for one ``async with`` block."""
+        pool = await self._async_pool()
+        if pool is self._user_async_pool or not isinstance(pool, AsyncConnectionPool):
+            # A supplied pool's connections may not be in autocommit mode: its connection()
+            # block commits at its end.
+            return pool.connection()
+        return _Borrowed(pool)
+
+    async def _async_pool(self) -> AsyncConnectionSource:
+        """The asyncio pool for the running event loop, opened on it at first use."""
+        if self._user_async_pool is not None:
+            return self._user_async_pool
+        loop = asyncio.get_running_loop()
+        last_loop, last = self._last_async
+        if last_loop is loop and last is not None:
+            return last
+        pool = self._async_by_loop.get(loop)
+        if pool is None:
+            if self.conninfo is None:
+                raise RuntimeError("this PostgresPersistenceLayer has no asyncio pool")
+            pool = AsyncConnectionPool[_LayerConnection](
+                self.conninfo,
+                kwargs=self._connect_kwargs(),
+                min_size=self.min_pool_size,
+                max_size=self.max_pool_size,
+                timeout=self.pool_timeout_seconds,
+                configure=self._aconfigure_connection,
+                connection_class=_LayerConnection,
+                name="idem-middleware-asyncio",
+                open=False,
+            )
+            self._async_by_loop[loop] = pool
+            self._closers[loop] = loop.create_task(_close_at_shutdown(pool))
+        # Safe to run concurrently: the pool opens once, behind its own lock.
+        await pool.open(wait=False)
+        self._last_async = (loop, pool)
+        return pool
+
+    async def aclose(self) -> None:
+        """Close the asyncio pool this layer opened on the running event loop, if any (a pool
+        passed in as ``async_pool`` is its owner's to close).
+        """
+        loop = asyncio.get_running_loop()
+        pool = self._async_by_loop.pop(loop, None)
+        closer = self._closers.pop(loop, None)
+        if self._last_async[0] is loop:
+            self._last_async = (None, None)
+        if pool is not None:
+            await pool.close()
+        if closer is not None:
+            closer.cancel()
+
     def _connect_kwargs(self) -> dict[str, Any]:
         # Autocommit: every statement is its own transaction, so no lock outlives it.
-        kwargs: dict[str, Any] = {"autocommit": True}
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "prepare_threshold": self.prepare_threshold,
+        }
         if "connect_timeout" not in conninfo_to_dict(self.conninfo or ""):
             kwargs["connect_timeout"] = self.connect_timeout_seconds
         return kwargs
 
     def _configure_connection(self, connection: psycopg.Connection[Any]) -> None:
         if self.statement_timeout_seconds is not None:
-            connection.execute(
-                "SELECT set_config('statement_timeout', %s, false)",
-                # At least 1 ms: PostgreSQL reads "0ms" as no timeout at all.
-                (f"{max(1, math.ceil(self.statement_timeout_seconds * 1000))}ms",),
-            )
+            connection.execute(_SET_STATEMENT_TIMEOUT, (self._statement_timeout(),))
+
+    async def _aconfigure_connection(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        if self.statement_timeout_seconds is not None:
+            await connection.execute(_SET_STATEMENT_TIMEOUT, (self._statement_timeout(),))
+
+    def _statement_timeout(self) -> str:
+        assert self.statement_timeout_seconds is not None
+        # At least 1 ms: PostgreSQL reads "0ms" as no timeout at all.
+        return f"{max(1, math.ceil(self.statement_timeout_seconds * 1000))}ms"
 
     @contextmanager
     def _store_errors(self, operation: str) -> Iterator[None]:
@@ -564,11 +729,82 @@ class PostgresPersistenceLayer(BasePersistenceLayer):
             ) from exc
 
 
+class _LayerConnection(psycopg.AsyncConnection[tuple[Any, ...]]):
+    """A connection of the layer's own asyncio pool, which keeps one cursor for the layer's
+    statements: ``connection.execute`` makes a cursor (and its adapters) per statement, which
+    costs about a third of a short statement's CPU time with psycopg's pure-Python
+    implementation (measured: 145 against 100 µs per round trip).
+    """
+
+    layer_cursor: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
+
+
+async def _aexecute(
+    connection: psycopg.AsyncConnection[Any], statement: bytes, params: Any
+) -> psycopg.AsyncCursor[Any]:
+    """Run ``statement`` on ``connection``; the cursor holds its result until the next one."""
+    if isinstance(connection, _LayerConnection):
+        cursor = connection.layer_cursor
+        if cursor is None or cursor.closed:
+            cursor = connection.layer_cursor = connection.cursor()
+        return await cursor.execute(statement, params)
+    return await connection.execute(statement, params)
+
+
+class _Borrowed:
+    """A connection of the layer's own asyncio pool for one block, returned at its end.
+
+    ``AsyncConnectionPool.connection()`` also ends the block with a commit on the connection
+    (nothing to commit in autocommit mode, but a lock and a wait all the same) and keeps usage
+    statistics; ``getconn`` / ``putconn`` alone cost about a tenth less CPU per store call
+    (measured in-process: 253 against 293 µs per replayed claim, 462 against 520 per new key).
+    A connection returned broken is replaced by the pool, as with ``connection()``.
+    """
+
+    __slots__ = ("_connection", "_pool")
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        self._connection = await self._pool.getconn()
+        return self._connection
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await self._pool.putconn(connection)
+
+
+async def _close_at_shutdown(pool: AsyncConnectionPool[Any]) -> None:
+    """Close ``pool`` when its event loop shuts down, which cancels every task left (as
+    ``asyncio.run`` and uvicorn do): a pool left open there hangs the shutdown whenever one of
+    its workers is opening a connection, as psycopg_pool's workers outlive that cancellation.
+    """
+    try:
+        await asyncio.get_running_loop().create_future()  # never done: waits for the cancel
+    finally:
+        await pool.close()
+
+
+def _settled(row: tuple[Any, ...] | None) -> bool:
+    """Whether a claim's answer is a claim or a record (else it met a row committed after its
+    snapshot, and runs again).
+    """
+    return row is not None and (bool(row[0]) or row[1] is not None)
+
+
 def _is_connection_failure(exc: psycopg.Error) -> bool:
-    # Client-side connection errors carry no SQLSTATE; the server's are class 08.
+    # Client-side connection errors carry no SQLSTATE; the server's are class 08, and a server
+    # ending the session (an operator's pg_terminate_backend, a shutdown, a failover) says 57P0x.
     return isinstance(exc, psycopg.OperationalError) and (
-        exc.sqlstate is None or exc.sqlstate.startswith("08")
+        exc.sqlstate is None or exc.sqlstate.startswith("08") or exc.sqlstate in _SESSION_ENDED
     )
+
+
+#: admin_shutdown, crash_shutdown, cannot_connect_now: the server ended or refused the session.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
 
 
 def _connection_error_type(exc: psycopg.OperationalError) -> type[IdempotencyPersistenceLayerError]:

@@ -178,6 +178,25 @@ def _postgres(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     return layer
 
 
+def _postgres_async(request: pytest.FixtureRequest) -> BasePersistenceLayer:
+    from tests.support.async_postgres import AsyncDrivenPostgresLayer
+
+    # The same database, every store call made on an asyncio connection (what ASGI apps run).
+    layer = AsyncDrivenPostgresLayer(
+        request.getfixturevalue("postgres_conninfo"),
+        table_name=f"idem_{uuid.uuid4().hex[:12]}",
+        max_pool_size=16,
+    )
+    layer.create_table()
+    request.addfinalizer(layer.close)
+    return layer
+
+
+def is_postgres(layer: BasePersistenceLayer) -> bool:
+    """Whether ``layer`` is a PostgresPersistenceLayer (psycopg is an optional extra)."""
+    return any(cls.__name__ == "PostgresPersistenceLayer" for cls in type(layer).__mro__)
+
+
 BACKENDS: tuple[Backend, ...] = (
     Backend("memory", _memory),
     Backend("dynamodb", _dynamodb, marks=(pytest.mark.dynamodb,)),
@@ -197,6 +216,7 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("redis-cluster", _redis_cluster, marks=(pytest.mark.redis,)),
     Backend("redis-cluster-async", _redis_cluster_async, marks=(pytest.mark.redis,)),
     Backend("postgres", _postgres, marks=(pytest.mark.postgres,)),
+    Backend("postgres-async", _postgres_async, marks=(pytest.mark.postgres,)),
 )
 
 
@@ -270,7 +290,7 @@ def write_raw_record(
         if validation is not None:
             item[layer.validation_key_attr] = {"S": validation}
         layer.client.put_item(TableName=layer.table_name, Item=item)
-    elif type(layer).__name__ == "PostgresPersistenceLayer":  # psycopg is an optional extra
+    elif is_postgres(layer):
         if not isinstance(expiration, int):
             raise TypeError("PostgreSQL's expiration column is BIGINT: it holds numbers only")
         with layer._connection() as connection:
