@@ -429,8 +429,9 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         if writer.pid != os.getpid():
             # Forked without the at-fork hook: the parent's purge thread does not exist here,
             # and its connection must be neither used nor closed in this process.
-            if writer.connection is not None:
-                self._inherited.append(writer.connection)
+            self._inherited += [
+                c for c in (writer.connection, writer.inline_connection) if c is not None
+            ]
             writer = self._writer = _Writer(weakref.ref(self))
         return writer
 
@@ -744,6 +745,12 @@ class _Writer:
         self._checkpointed_at = 0
         # The purge thread's own connection, for checkpoints that never hold up the writer.
         self._checkpointer: sqlite3.Connection | None = None
+        # The connection for writes committed on an event loop (:meth:`arun`): it never waits
+        # for the write lock, and is used, like ``connection``, only by the leader.
+        self.inline_connection: sqlite3.Connection | None = None
+        target = layer()
+        self.inline_commits = target is not None and target.synchronous in ("OFF", "NORMAL")
+        self._lent: set[asyncio.Future[None]] = set()  # strong references to lent threads
 
     def run(self, write: Write, timeout: float, *, alone: bool = False) -> Any:
         """Run ``write`` in a transaction of this writer and return its result (its exception
@@ -779,12 +786,20 @@ class _Writer:
         return job.outcome()
 
     async def arun(self, write: Write, timeout: float) -> Any:
-        """:meth:`run` for a coroutine on an event loop: the loop never runs a write itself.
-        When no thread is writing, one worker thread is lent to lead; it commits this write
-        and every write queued behind it by event loops, then goes back to its pool.
-        """
-        import anyio.to_thread
+        """:meth:`run` for a coroutine on an event loop. When no thread is writing, one worker
+        thread is lent to lead; it commits this write and every write queued behind it by event
+        loops, then goes back to its pool. The coroutine waits for its own write only, never
+        for the lent thread: under load that thread goes on leading for as long as writes keep
+        coming, and a request that waited for it waited for all of them.
 
+        Without fsync to wait for (``synchronous`` NORMAL or OFF), a write made while nobody is
+        writing is committed at once on the calling (event loop) thread: a commit is then a
+        few writes into the OS page cache, cheaper than handing it to a thread and back.
+        """
+        if self.inline_commits:
+            ran, result = self._run_inline(write)
+            if ran:
+                return result
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -799,7 +814,7 @@ class _Writer:
             if self._purger is None and not self._stopping:
                 self._start_purger()
         if lead:
-            await anyio.to_thread.run_sync(self._lead, job)
+            self._lend_thread(job)
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout)
         except TimeoutError:
@@ -813,6 +828,91 @@ class _Writer:
                     ) from None
             await done  # started meanwhile: it ends within the busy timeout
         return job.outcome()
+
+    def _run_inline(self, write: Write) -> tuple[bool, Any]:
+        """Commit ``write`` alone on this thread if nobody leads and the file's write lock is
+        free at once (its connection never waits: another process holding the lock sends the
+        write to the queue); ``(False, None)`` when it did not run.
+        """
+        with self._changed:
+            if self._leading or self._stopping:
+                return False, None
+            self._leading = True
+            if self._purger is None:
+                self._start_purger()
+        job: _Job | None = None
+        try:
+            if self._connection_lock.acquire(blocking=False):  # only close() holds it now
+                try:
+                    job = self._commit_inline(write)
+                finally:
+                    self._connection_lock.release()
+        finally:
+            with self._changed:
+                head = self._queue[0] if self._queue else None
+                if head is None or head.settle is None:
+                    self._hand_over()
+                    head = None
+            if head is not None:
+                self._lend_thread(head)  # another event loop queued meanwhile
+        if job is None:
+            return False, None
+        self._purge_if_due()
+        return True, job.outcome()
+
+    def _commit_inline(self, write: Write) -> _Job | None:
+        """Under ``_connection_lock``: ``write`` in its own transaction on the inline
+        connection, or ``None`` when the write lock is taken (by another process).
+        """
+        job = _Job(write, settle=_nothing)
+        try:
+            if self.inline_connection is None:
+                layer = self._layer()
+                if layer is None:
+                    raise sqlite3.OperationalError("the SQLite persistence layer was closed")
+                connection = layer._connect(0.0)
+                connection.execute("PRAGMA wal_autocheckpoint = 0")  # as the writer's
+                self.inline_connection = connection
+            self.inline_connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return None
+            job.finish(error=exc)
+            return job
+        except BaseException as exc:
+            job.finish(error=exc)
+            return job
+        connection = self.inline_connection
+        try:
+            result = write(connection)
+            connection.execute("COMMIT")
+        except BaseException as exc:
+            _rollback(connection)
+            job.finish(error=exc)
+            return job
+        self._committed(1)
+        job.finish(result)
+        return job
+
+    def _lend_thread(self, job: _Job) -> None:
+        """Lend a worker thread to lead, starting with the queued event loop write ``job``;
+        nothing waits for the thread (see :meth:`arun`).
+        """
+        import anyio.to_thread
+
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(self._lead, job))
+        self._lent.add(task)
+        task.add_done_callback(self._lent_done)
+
+    def _lent_done(self, task: asyncio.Future[None]) -> None:
+        self._lent.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("SQLite writer thread failed", exc_info=task.exception())
+
+    def _purge_if_due(self) -> None:
+        layer = self._layer()
+        if layer is not None and layer._purge_is_due() and not self._purging:
+            self._purge_wanted.set()
 
     def _lead(self, own: _Job) -> None:
         """Commit batches until ``own`` is done (or a write that runs alone is next: its thread
@@ -831,9 +931,7 @@ class _Writer:
                         break
                     batch = self._take_batch(own)
                 self._commit(batch)
-        layer = self._layer()
-        if layer is not None and layer._purge_is_due() and not self._purging:
-            self._purge_wanted.set()
+        self._purge_if_due()
 
     def _hand_over(self) -> None:
         """Under ``_changed``: make the first queued write's thread the leader, or stop
@@ -904,14 +1002,17 @@ class _Writer:
             for job in batch:
                 self._commit([job])
             return
+        self._committed(len(batch))
+        for job, result in zip(batch, results, strict=True):
+            job.finish(result)
+
+    def _committed(self, writes: int) -> None:
         self.commits += 1
-        self.writes += len(batch)
+        self.writes += writes
         if self.commits - self._checkpointed_at >= _CHECKPOINT_EVERY_COMMITS:
             self._checkpointed_at = self.commits
             self._checkpoint_due = True
             self._purge_wanted.set()
-        for job, result in zip(batch, results, strict=True):
-            job.finish(result)
 
     # Purge --------------------------------------------------------------------------------
 
@@ -973,9 +1074,10 @@ class _Writer:
         if purger is not None and purger is not threading.current_thread():
             purger.join()
         with self._connection_lock:
-            connection, self.connection = self.connection, None
-            if connection is not None:
-                connection.close()
+            for connection in (self.connection, self.inline_connection):
+                if connection is not None:
+                    connection.close()
+            self.connection = self.inline_connection = None
         with self._changed:
             self._stopping = False
             self._purge_wanted.clear()
@@ -1003,6 +1105,10 @@ class _Writer:
             del layer
             self._purge_wanted.set()
             time.sleep(0.001)  # the purge thread takes it from here
+
+
+def _nothing() -> None:
+    """The ``settle`` of a write committed inline: its caller is already there."""
 
 
 def _settle(done: asyncio.Future[None]) -> None:
