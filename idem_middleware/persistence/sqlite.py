@@ -231,7 +231,10 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     async def _aput_record(self, data_record: DataRecord) -> None:
         write = self._claim_write(data_record)
         with self._store_errors("claim"):
-            existing_row = await self._awrite(write)
+            # Not made durable before the handler runs: a claim lost to a power cut is what a
+            # crash leaves behind once its lease runs out (the retry runs the handler again),
+            # and the completion's fsync covers it (the WAL is written in order).
+            existing_row = await self._awrite(write, durable=False)
         self._claim_answer(existing_row)
 
     def _claim_write(
@@ -417,11 +420,12 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         result: T = self._process_writer().run(write, 2 * self.busy_timeout_seconds + 1)
         return result
 
-    async def _awrite(self, write: Callable[[sqlite3.Connection], T]) -> T:
+    async def _awrite(self, write: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """:meth:`_write` awaited on the event loop: the write joins the writer's queue, and
         the loop waits on a future instead of a worker thread waiting on a lock.
         """
-        result: T = await self._process_writer().arun(write, 2 * self.busy_timeout_seconds + 1)
+        writer = self._process_writer()
+        result: T = await writer.arun(write, 2 * self.busy_timeout_seconds + 1, durable=durable)
         return result
 
     def _process_writer(self) -> _Writer:
@@ -749,7 +753,17 @@ class _Writer:
         # for the write lock, and is used, like ``connection``, only by the leader.
         self.inline_connection: sqlite3.Connection | None = None
         target = layer()
-        self.inline_commits = target is not None and target.synchronous in ("OFF", "NORMAL")
+        synchronous = "FULL" if target is None else target.synchronous
+        self.inline_commits = synchronous in ("OFF", "NORMAL", "FULL")
+        #: FULL: inline commits skip SQLite's fsync and wait for _sync_wal's instead.
+        self.sync_inline = synchronous == "FULL"
+        self.inline_seq = 0  # inline commits made
+        self._sync_lock = threading.Lock()
+        self._synced_seq = 0  # inline commits fsynced
+        self._syncing = False
+        self._sync_waiters: list[
+            tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]
+        ] = []
         self._lent: set[asyncio.Future[None]] = set()  # strong references to lent threads
 
     def run(self, write: Write, timeout: float, *, alone: bool = False) -> Any:
@@ -785,20 +799,26 @@ class _Writer:
             lead = True  # job.state == _LEAD
         return job.outcome()
 
-    async def arun(self, write: Write, timeout: float) -> Any:
+    async def arun(self, write: Write, timeout: float, *, durable: bool = True) -> Any:
         """:meth:`run` for a coroutine on an event loop. When no thread is writing, one worker
         thread is lent to lead; it commits this write and every write queued behind it by event
         loops, then goes back to its pool. The coroutine waits for its own write only, never
         for the lent thread: under load that thread goes on leading for as long as writes keep
         coming, and a request that waited for it waited for all of them.
 
-        Without fsync to wait for (``synchronous`` NORMAL or OFF), a write made while nobody is
-        writing is committed at once on the calling (event loop) thread: a commit is then a
-        few writes into the OS page cache, cheaper than handing it to a thread and back.
+        A write made while nobody is writing is committed at once on the calling (event loop)
+        thread, without fsync: a few writes into the OS page cache, cheaper than handing it to
+        a thread and back. Under ``synchronous="FULL"`` the coroutine then waits (unless the
+        write need not be ``durable``) until a worker thread has fsynced the WAL past it: what
+        FULL does inside every commit, done once for all the writes committed meanwhile, and
+        outside the write lock, so the next writes commit during the fsync instead of queueing
+        behind it (and behind the worker thread's turns at the GIL).
         """
         if self.inline_commits:
-            ran, result = self._run_inline(write)
+            ran, result, seq = self._run_inline(write)
             if ran:
+                if durable and self.sync_inline:
+                    await self._durable(seq)
                 return result
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -829,22 +849,25 @@ class _Writer:
             await done  # started meanwhile: it ends within the busy timeout
         return job.outcome()
 
-    def _run_inline(self, write: Write) -> tuple[bool, Any]:
+    def _run_inline(self, write: Write) -> tuple[bool, Any, int]:
         """Commit ``write`` alone on this thread if nobody leads and the file's write lock is
         free at once (its connection never waits: another process holding the lock sends the
-        write to the queue); ``(False, None)`` when it did not run.
+        write to the queue); ``(False, None, 0)`` when it did not run, else ``(True, its
+        result, its commit's number)``.
         """
         with self._changed:
             if self._leading or self._stopping:
-                return False, None
+                return False, None, 0
             self._leading = True
             if self._purger is None:
                 self._start_purger()
         job: _Job | None = None
+        seq = 0
         try:
             if self._connection_lock.acquire(blocking=False):  # only close() holds it now
                 try:
                     job = self._commit_inline(write)
+                    seq = self.inline_seq
                 finally:
                     self._connection_lock.release()
         finally:
@@ -856,9 +879,9 @@ class _Writer:
             if head is not None:
                 self._lend_thread(head)  # another event loop queued meanwhile
         if job is None:
-            return False, None
+            return False, None, 0
         self._purge_if_due()
-        return True, job.outcome()
+        return True, job.outcome(), seq
 
     def _commit_inline(self, write: Write) -> _Job | None:
         """Under ``_connection_lock``: ``write`` in its own transaction on the inline
@@ -872,6 +895,9 @@ class _Writer:
                     raise sqlite3.OperationalError("the SQLite persistence layer was closed")
                 connection = layer._connect(0.0)
                 connection.execute("PRAGMA wal_autocheckpoint = 0")  # as the writer's
+                if self.sync_inline:
+                    # FULL's fsync of the WAL is made by _sync_wal, after the commit.
+                    connection.execute("PRAGMA synchronous = NORMAL")
                 self.inline_connection = connection
             self.inline_connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -891,16 +917,72 @@ class _Writer:
             job.finish(error=exc)
             return job
         self._committed(1)
+        self.inline_seq += 1
         job.finish(result)
         return job
 
-    def _lend_thread(self, job: _Job) -> None:
-        """Lend a worker thread to lead, starting with the queued event loop write ``job``;
-        nothing waits for the thread (see :meth:`arun`).
+    async def _durable(self, seq: int) -> None:
+        """Wait until the WAL is fsynced past inline commit ``seq``; one worker thread fsyncs
+        for every coroutine waiting, again while commits keep arriving.
+        """
+        loop = asyncio.get_running_loop()
+        with self._sync_lock:
+            if self._synced_seq >= seq:
+                return
+            done: asyncio.Future[None] = loop.create_future()
+            self._sync_waiters.append((seq, done, loop))
+            start = not self._syncing
+            self._syncing = True
+        if start:
+            self._lend_thread(self._sync_wal)
+        await done
+
+    def _sync_wal(self) -> None:
+        """fsync the WAL file until no coroutine waits: SQLite's FULL, one fsync for many."""
+        layer = self._layer()
+        path = None if layer is None else layer.path + "-wal"
+        while True:
+            target = self.inline_seq  # every commit made so far is in the WAL's page cache
+            error: BaseException | None = None
+            try:
+                if path is None:
+                    raise sqlite3.OperationalError("the SQLite persistence layer was closed")
+                # Opened each time: the WAL is only ever this one file while the writer's
+                # connections are open, but a reopened writer may follow a deleted one.
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                error = sqlite3.OperationalError(f"fsync of the SQLite WAL {path!r} failed: {exc}")
+            except BaseException as exc:
+                error = exc
+            with self._sync_lock:
+                if error is None:
+                    self._synced_seq = max(self._synced_seq, target)
+                waiting = self._sync_waiters
+                ready = [w for w in waiting if error is not None or w[0] <= target]
+                self._sync_waiters = [w for w in waiting if error is None and w[0] > target]
+                finished = not self._sync_waiters
+                if finished:
+                    self._syncing = False
+            for _, done, loop in ready:
+                loop.call_soon_threadsafe(_settle, done, None if error is None else _copy(error))
+            if finished:
+                return
+
+    def _lend_thread(self, job: _Job | Callable[[], None]) -> None:
+        """Lend a worker thread to lead, starting with the queued event loop write ``job``
+        (or to run a function); nothing waits for the thread (see :meth:`arun`).
         """
         import anyio.to_thread
 
-        task = asyncio.ensure_future(anyio.to_thread.run_sync(self._lead, job))
+        if isinstance(job, _Job):
+            call = anyio.to_thread.run_sync(self._lead, job)
+        else:
+            call = anyio.to_thread.run_sync(job)
+        task = asyncio.ensure_future(call)
         self._lent.add(task)
         task.add_done_callback(self._lent_done)
 
@@ -1111,9 +1193,12 @@ def _nothing() -> None:
     """The ``settle`` of a write committed inline: its caller is already there."""
 
 
-def _settle(done: asyncio.Future[None]) -> None:
+def _settle(done: asyncio.Future[None], error: BaseException | None = None) -> None:
     if not done.done():
-        done.set_result(None)
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 def _copy(exc: BaseException) -> BaseException:
