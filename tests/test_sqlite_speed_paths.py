@@ -589,6 +589,7 @@ def test_a_write_that_lent_the_writer_a_thread_does_not_wait_for_that_thread(
     layer = SQLitePersistenceLayer(db_path, synchronous="EXTRA")
     layer.configure(CONFIG)
     layer.clock = clock
+    idle_writer(layer)  # no purge is queued between the two writes: it would take the lead
     first_running, second_queued, second_may_finish = (threading.Event() for _ in range(3))
 
     def first(connection: sqlite3.Connection) -> str:
