@@ -765,6 +765,11 @@ class _Writer:
             tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]
         ] = []
         self._lent: set[asyncio.Future[None]] = set()  # strong references to lent threads
+        #: Per event loop, the writes of its current turn, committed together at its end.
+        self._turns: dict[
+            asyncio.AbstractEventLoop,
+            list[tuple[Write, asyncio.Future[tuple[bool, Any, int]]]],
+        ] = {}
 
     def run(self, write: Write, timeout: float, *, alone: bool = False) -> Any:
         """Run ``write`` in a transaction of this writer and return its result (its exception
@@ -814,13 +819,21 @@ class _Writer:
         outside the write lock, so the next writes commit during the fsync instead of queueing
         behind it (and behind the worker thread's turns at the GIL).
         """
+        loop = asyncio.get_running_loop()
         if self.inline_commits:
-            ran, result, seq = self._run_inline(write)
+            turn = self._turns.get(loop)
+            if turn is None:
+                # The writes made by the callbacks due in this turn of the loop (the claims
+                # and completions of every request it advances) share one transaction.
+                turn = self._turns[loop] = []
+                loop.call_soon(self._flush_turn, loop)
+            inline: asyncio.Future[tuple[bool, Any, int]] = loop.create_future()
+            turn.append((write, inline))
+            ran, result, seq = await inline
             if ran:
                 if durable and self.sync_inline:
                     await self._durable(seq)
                 return result
-        loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         def settle() -> None:
@@ -849,25 +862,42 @@ class _Writer:
             await done  # started meanwhile: it ends within the busy timeout
         return job.outcome()
 
-    def _run_inline(self, write: Write) -> tuple[bool, Any, int]:
-        """Commit ``write`` alone on this thread if nobody leads and the file's write lock is
-        free at once (its connection never waits: another process holding the lock sends the
-        write to the queue); ``(False, None, 0)`` when it did not run, else ``(True, its
-        result, its commit's number)``.
+    def _flush_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit the writes this turn of ``loop`` made, in one transaction on the loop's
+        thread when nobody leads and the write lock is free at once; otherwise tell each
+        caller to queue its write for the writer's thread.
+        """
+        turn = self._turns.pop(loop, [])
+        outcomes = self._run_inline([write for write, _ in turn])
+        for index, (_, future) in enumerate(turn):
+            if future.done():  # its caller was cancelled (its write ran all the same)
+                continue
+            if outcomes is None:
+                future.set_result((False, None, 0))
+                continue
+            job, seq = outcomes[index]
+            if job.error is not None:
+                future.set_exception(job.error)
+            else:
+                future.set_result((True, job.result, seq))
+
+    def _run_inline(self, writes: list[Write]) -> list[tuple[_Job, int]] | None:
+        """Commit ``writes`` on this thread if nobody leads and the file's write lock is free
+        at once (the inline connection never waits: another process holding the lock sends
+        the writes to the queue): each write's finished job and its commit's number, or
+        ``None`` when they did not run.
         """
         with self._changed:
             if self._leading or self._stopping:
-                return False, None, 0
+                return None
             self._leading = True
             if self._purger is None:
                 self._start_purger()
-        job: _Job | None = None
-        seq = 0
+        done: list[tuple[_Job, int]] | None = None
         try:
             if self._connection_lock.acquire(blocking=False):  # only close() holds it now
                 try:
-                    job = self._commit_inline(write)
-                    seq = self.inline_seq
+                    done = self._commit_inline(writes)
                 finally:
                     self._connection_lock.release()
         finally:
@@ -878,16 +908,16 @@ class _Writer:
                     head = None
             if head is not None:
                 self._lend_thread(head)  # another event loop queued meanwhile
-        if job is None:
-            return False, None, 0
-        self._purge_if_due()
-        return True, job.outcome(), seq
+        if done is not None:
+            self._purge_if_due()
+        return done
 
-    def _commit_inline(self, write: Write) -> _Job | None:
-        """Under ``_connection_lock``: ``write`` in its own transaction on the inline
-        connection, or ``None`` when the write lock is taken (by another process).
+    def _commit_inline(self, writes: list[Write]) -> list[tuple[_Job, int]] | None:
+        """Under ``_connection_lock``: ``writes`` in one transaction on the inline connection
+        (each alone in its own when one of them fails, so the failure stays its own), or
+        ``None`` when the write lock is taken (by another process) before any of them ran.
         """
-        job = _Job(write, settle=_nothing)
+        jobs = [_Job(write, settle=_nothing) for write in writes]
         try:
             if self.inline_connection is None:
                 layer = self._layer()
@@ -903,23 +933,36 @@ class _Writer:
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):
                 return None
-            job.finish(error=exc)
-            return job
+            for job in jobs:
+                job.finish(error=_copy(exc))
+            return [(job, 0) for job in jobs]
         except BaseException as exc:
-            job.finish(error=exc)
-            return job
+            for job in jobs:
+                job.finish(error=_copy(exc))
+            return [(job, 0) for job in jobs]
         connection = self.inline_connection
         try:
-            result = write(connection)
+            results = [job.write(connection) for job in jobs]
             connection.execute("COMMIT")
         except BaseException as exc:
             _rollback(connection)
-            job.finish(error=exc)
-            return job
-        self._committed(1)
+            if len(jobs) == 1:
+                jobs[0].finish(error=exc)
+                return [(jobs[0], 0)]
+            outcomes: list[tuple[_Job, int]] = []
+            for write in writes:
+                alone = self._commit_inline([write])
+                if alone is None:  # another process took the lock meanwhile: report it busy
+                    job = _Job(write, settle=_nothing)
+                    job.finish(error=sqlite3.OperationalError("database is locked"))
+                    alone = [(job, 0)]
+                outcomes += alone
+            return outcomes
+        self._committed(len(jobs))
         self.inline_seq += 1
-        job.finish(result)
-        return job
+        for job, result in zip(jobs, results, strict=True):
+            job.finish(result)
+        return [(job, self.inline_seq) for job in jobs]
 
     async def _durable(self, seq: int) -> None:
         """Wait until the WAL is fsynced past inline commit ``seq``; one worker thread fsyncs
