@@ -603,8 +603,7 @@ def test_a_write_that_lent_the_writer_a_thread_does_not_wait_for_that_thread(
 
     async def scenario() -> list[str]:
         first_task = asyncio.ensure_future(layer._awrite(first))
-        while not first_running.is_set():
-            await asyncio.sleep(0.001)
+        await asyncio.to_thread(first_running.wait, 10)
         second_task = asyncio.ensure_future(layer._awrite(second))
         await asyncio.sleep(0)  # the second write is queued behind the first
         second_queued.set()

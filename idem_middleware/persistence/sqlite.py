@@ -761,9 +761,7 @@ class _Writer:
         self._sync_lock = threading.Lock()
         self._synced_seq = 0  # inline commits fsynced
         self._syncing = False
-        self._sync_waiters: list[
-            tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]
-        ] = []
+        self._sync_waiters: list[tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]] = []
         self._lent: set[asyncio.Future[None]] = set()  # strong references to lent threads
         #: Per event loop, the writes of its current turn, committed together at its end.
         self._turns: dict[
@@ -923,12 +921,12 @@ class _Writer:
                 layer = self._layer()
                 if layer is None:
                     raise sqlite3.OperationalError("the SQLite persistence layer was closed")
-                connection = layer._connect(0.0)
-                connection.execute("PRAGMA wal_autocheckpoint = 0")  # as the writer's
+                opened = layer._connect(0.0)
+                opened.execute("PRAGMA wal_autocheckpoint = 0")  # as the writer's
                 if self.sync_inline:
                     # FULL's fsync of the WAL is made by _sync_wal, after the commit.
-                    connection.execute("PRAGMA synchronous = NORMAL")
-                self.inline_connection = connection
+                    opened.execute("PRAGMA synchronous = NORMAL")
+                self.inline_connection = opened
             self.inline_connection.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):
