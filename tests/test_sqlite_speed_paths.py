@@ -743,3 +743,31 @@ def test_a_loop_write_while_another_process_holds_the_lock_waits_off_the_loop(
     finally:
         blocker.close()
         layer.close()
+
+
+def test_full_on_a_file_that_stays_out_of_wal_mode_commits_with_sqlites_own_fsync(
+    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file that cannot switch to WAL (the layer warns and goes on) has no -wal file to fsync:
+    # the loop's connection keeps SQLite's FULL instead of failing every completion.
+    import asyncio
+
+    monkeypatch.setattr(
+        SQLitePersistenceLayer, "_enable_wal", lambda self, connection, timeout: ("delete",)
+    )
+    statements = Statements()
+    layer = traced_layer(db_path, clock, statements)
+    idle_writer(layer)
+    lease, done = _lease_records(layer.build_idempotency_key("order-1"), START)
+
+    async def scenario() -> None:
+        await layer._aput_record(lease)
+        await layer._aupdate_record(done)
+
+    try:
+        asyncio.run(scenario())
+        assert layer.get_record(done.idempotency_key).status == STATUS_COMPLETED
+        assert not statements.connections_running("PRAGMA synchronous = NORMAL")
+        assert not (db_path.parent / (db_path.name + "-wal")).exists()
+    finally:
+        layer.close()

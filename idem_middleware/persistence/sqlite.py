@@ -18,6 +18,13 @@ answered from there, and only a key that is free goes to the writer, which decid
 its ``BEGIN IMMEDIATE`` transaction, so the claim stays atomic across processes. Replays are
 even served before any store call, from the engine's local-cache lookup (``inline_replays``).
 Expired records are purged by a thread of their own, in batches queued like writes.
+
+Under ASGI the writes one turn of the event loop makes (the claims and completions of every
+request it advances) are committed together on the loop, on a connection that never waits for
+the lock (when the writer is busy or another process holds the lock they queue as above). With
+``synchronous="FULL"`` that commit skips SQLite's own fsync; a completion then waits until a
+worker thread has fsynced the WAL past it, one fsync for every write committed meanwhile and
+outside the write lock, so the next turns commit during it.
 """
 
 from __future__ import annotations
@@ -923,6 +930,9 @@ class _Writer:
                     raise sqlite3.OperationalError("the SQLite persistence layer was closed")
                 opened = layer._connect(0.0)
                 opened.execute("PRAGMA wal_autocheckpoint = 0")  # as the writer's
+                mode = opened.execute("PRAGMA journal_mode").fetchone()
+                if self.sync_inline and str(mode[0]).lower() != "wal":
+                    self.sync_inline = False  # no WAL to fsync: SQLite's own FULL it is
                 if self.sync_inline:
                     # FULL's fsync of the WAL is made by _sync_wal, after the commit.
                     opened.execute("PRAGMA synchronous = NORMAL")
