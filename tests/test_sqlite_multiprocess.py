@@ -236,3 +236,124 @@ def test_many_writer_threads_in_many_processes_store_one_response_per_key(
         reader.close()
         if inherited is not None:
             inherited.close()
+
+
+# Event loops: writes committed on the loop, in one transaction per turn -------------------------
+
+LOOP_COROUTINES = 16
+
+
+def event_loop_worker(
+    path: str,
+    process: int,
+    synchronous: str,
+    barrier: Barrier,
+    results: multiprocessing.Queue[list[Report]],
+) -> None:
+    """One process, one event loop: ``LOOP_COROUTINES`` coroutines claim every key through
+    the layer's asyncio primitives (as under ASGI) and complete what they win.
+    """
+    import asyncio
+    import time
+
+    from idem_middleware.persistence import SQLitePersistenceLayer
+    from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
+
+    layer = SQLitePersistenceLayer(path, busy_timeout_seconds=20, synchronous=synchronous)  # type: ignore[arg-type]
+    layer.configure(CONFIG)
+
+    async def claimer(coroutine: int) -> list[Report]:
+        worker = f"p{process}-c{coroutine}"
+        names = list(SHARED_KEYS)
+        random.Random(worker).shuffle(names)
+        mine: list[Report] = []
+        for name in names:
+            key = layer.build_idempotency_key(name)
+            now = time.time()
+            lease = DataRecord(
+                key,
+                STATUS_INPROGRESS,
+                int(now) + 3600,
+                int(now * 1000) + 60_000,
+                payload_hash=worker,
+                lease_id=worker,
+            )
+            try:
+                await layer._aput_record(lease)
+                done = DataRecord(
+                    key,
+                    STATUS_COMPLETED,
+                    int(now) + 3600,
+                    lease.in_progress_expiry_timestamp,
+                    payload_hash=worker,
+                    response=_response(worker),
+                    lease_id=worker,
+                )
+                await layer._aupdate_record(done)
+            except IdempotencyItemAlreadyExistsError as exc:
+                record = exc.old_data_record
+                mine.append((name, worker, "lost", None if record is None else record.payload_hash))
+            except Exception as exc:
+                mine.append((name, worker, "error", repr(exc)))
+            else:
+                mine.append((name, worker, "won", worker))
+        return mine
+
+    async def main() -> list[Report]:
+        barrier.wait(timeout=120)
+        parts = await asyncio.gather(*(claimer(c) for c in range(LOOP_COROUTINES)))
+        return [report for part in parts for report in part]
+
+    reports = asyncio.run(main())
+    layer.close()
+    results.put(reports)
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_event_loops_in_many_processes_store_one_response_per_key(
+    tmp_path: Path, synchronous: str
+) -> None:
+    from idem_middleware.persistence import SQLitePersistenceLayer
+
+    path = str(tmp_path / "shared.sqlite3")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(WRITER_PROCESSES)
+    results: multiprocessing.Queue[list[Report]] = context.Queue()
+    workers = [
+        context.Process(
+            target=event_loop_worker, args=(path, process, synchronous, barrier, results)
+        )
+        for process in range(WRITER_PROCESSES)
+    ]
+    for process in workers:
+        process.start()
+    reports: list[Report] = []
+    try:
+        for _ in range(WRITER_PROCESSES):
+            reports.extend(results.get(timeout=180))
+    except queue.Empty:
+        pass
+    for process in workers:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+
+    assert [process.exitcode for process in workers] == [0] * WRITER_PROCESSES
+    assert [r for r in reports if r[2] == "error"] == []
+    assert len(reports) == WRITER_PROCESSES * LOOP_COROUTINES * len(SHARED_KEYS)
+    by_key: dict[str, list[Report]] = defaultdict(list)
+    for report in reports:
+        by_key[report[0]].append(report)
+    reader = SQLitePersistenceLayer(path)
+    reader.configure(CONFIG)
+    try:
+        for name in SHARED_KEYS:
+            claims = by_key[name]
+            winners = [claim[1] for claim in claims if claim[2] == "won"]
+            assert len(winners) == 1, f"{name}: {sorted(winners)}"
+            assert {claim[3] for claim in claims if claim[2] == "lost"} == {winners[0]}
+            record = reader.get_record(reader.build_idempotency_key(name))
+            assert record.status == STATUS_COMPLETED
+            assert record.response == _response(winners[0])
+    finally:
+        reader.close()

@@ -18,6 +18,13 @@ answered from there, and only a key that is free goes to the writer, which decid
 its ``BEGIN IMMEDIATE`` transaction, so the claim stays atomic across processes. Replays are
 even served before any store call, from the engine's local-cache lookup (``inline_replays``).
 Expired records are purged by a thread of their own, in batches queued like writes.
+
+Under ASGI the writes one turn of the event loop makes (the claims and completions of every
+request it advances) are committed together on the loop, on a connection that never waits for
+the lock (when the writer is busy or another process holds the lock they queue as above). With
+``synchronous="FULL"`` that commit skips SQLite's own fsync; a completion then waits until a
+worker thread has fsynced the WAL past it, one fsync for every write committed meanwhile and
+outside the write lock, so the next turns commit during it.
 """
 
 from __future__ import annotations
@@ -231,7 +238,10 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
     async def _aput_record(self, data_record: DataRecord) -> None:
         write = self._claim_write(data_record)
         with self._store_errors("claim"):
-            existing_row = await self._awrite(write)
+            # Not made durable before the handler runs: a claim lost to a power cut is what a
+            # crash leaves behind once its lease runs out (the retry runs the handler again),
+            # and the completion's fsync covers it (the WAL is written in order).
+            existing_row = await self._awrite(write, durable=False)
         self._claim_answer(existing_row)
 
     def _claim_write(
@@ -417,11 +427,12 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         result: T = self._process_writer().run(write, 2 * self.busy_timeout_seconds + 1)
         return result
 
-    async def _awrite(self, write: Callable[[sqlite3.Connection], T]) -> T:
+    async def _awrite(self, write: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """:meth:`_write` awaited on the event loop: the write joins the writer's queue, and
         the loop waits on a future instead of a worker thread waiting on a lock.
         """
-        result: T = await self._process_writer().arun(write, 2 * self.busy_timeout_seconds + 1)
+        writer = self._process_writer()
+        result: T = await writer.arun(write, 2 * self.busy_timeout_seconds + 1, durable=durable)
         return result
 
     def _process_writer(self) -> _Writer:
@@ -429,8 +440,9 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         if writer.pid != os.getpid():
             # Forked without the at-fork hook: the parent's purge thread does not exist here,
             # and its connection must be neither used nor closed in this process.
-            if writer.connection is not None:
-                self._inherited.append(writer.connection)
+            self._inherited += [
+                c for c in (writer.connection, writer.inline_connection) if c is not None
+            ]
             writer = self._writer = _Writer(weakref.ref(self))
         return writer
 
@@ -744,6 +756,25 @@ class _Writer:
         self._checkpointed_at = 0
         # The purge thread's own connection, for checkpoints that never hold up the writer.
         self._checkpointer: sqlite3.Connection | None = None
+        # The connection for writes committed on an event loop (:meth:`arun`): it never waits
+        # for the write lock, and is used, like ``connection``, only by the leader.
+        self.inline_connection: sqlite3.Connection | None = None
+        target = layer()
+        synchronous = "FULL" if target is None else target.synchronous
+        self.inline_commits = synchronous in ("OFF", "NORMAL", "FULL")
+        #: FULL: inline commits skip SQLite's fsync and wait for _sync_wal's instead.
+        self.sync_inline = synchronous == "FULL"
+        self.inline_seq = 0  # inline commits made
+        self._sync_lock = threading.Lock()
+        self._synced_seq = 0  # inline commits fsynced
+        self._syncing = False
+        self._sync_waiters: list[tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]] = []
+        self._lent: set[asyncio.Future[None]] = set()  # strong references to lent threads
+        #: Per event loop, the writes of its current turn, committed together at its end.
+        self._turns: dict[
+            asyncio.AbstractEventLoop,
+            list[tuple[Write, asyncio.Future[tuple[bool, Any, int]]]],
+        ] = {}
 
     def run(self, write: Write, timeout: float, *, alone: bool = False) -> Any:
         """Run ``write`` in a transaction of this writer and return its result (its exception
@@ -778,14 +809,36 @@ class _Writer:
             lead = True  # job.state == _LEAD
         return job.outcome()
 
-    async def arun(self, write: Write, timeout: float) -> Any:
-        """:meth:`run` for a coroutine on an event loop: the loop never runs a write itself.
-        When no thread is writing, one worker thread is lent to lead; it commits this write
-        and every write queued behind it by event loops, then goes back to its pool.
-        """
-        import anyio.to_thread
+    async def arun(self, write: Write, timeout: float, *, durable: bool = True) -> Any:
+        """:meth:`run` for a coroutine on an event loop. When no thread is writing, one worker
+        thread is lent to lead; it commits this write and every write queued behind it by event
+        loops, then goes back to its pool. The coroutine waits for its own write only, never
+        for the lent thread: under load that thread goes on leading for as long as writes keep
+        coming, and a request that waited for it waited for all of them.
 
+        A write made while nobody is writing is committed at once on the calling (event loop)
+        thread, without fsync: a few writes into the OS page cache, cheaper than handing it to
+        a thread and back. Under ``synchronous="FULL"`` the coroutine then waits (unless the
+        write need not be ``durable``) until a worker thread has fsynced the WAL past it: what
+        FULL does inside every commit, done once for all the writes committed meanwhile, and
+        outside the write lock, so the next writes commit during the fsync instead of queueing
+        behind it (and behind the worker thread's turns at the GIL).
+        """
         loop = asyncio.get_running_loop()
+        if self.inline_commits:
+            turn = self._turns.get(loop)
+            if turn is None:
+                # The writes made by the callbacks due in this turn of the loop (the claims
+                # and completions of every request it advances) share one transaction.
+                turn = self._turns[loop] = []
+                loop.call_soon(self._flush_turn, loop)
+            inline: asyncio.Future[tuple[bool, Any, int]] = loop.create_future()
+            turn.append((write, inline))
+            ran, result, seq = await inline
+            if ran:
+                if durable and self.sync_inline:
+                    await self._durable(seq)
+                return result
         done = loop.create_future()
 
         def settle() -> None:
@@ -799,7 +852,7 @@ class _Writer:
             if self._purger is None and not self._stopping:
                 self._start_purger()
         if lead:
-            await anyio.to_thread.run_sync(self._lead, job)
+            self._lend_thread(job)
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout)
         except TimeoutError:
@@ -813,6 +866,186 @@ class _Writer:
                     ) from None
             await done  # started meanwhile: it ends within the busy timeout
         return job.outcome()
+
+    def _flush_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit the writes this turn of ``loop`` made, in one transaction on the loop's
+        thread when nobody leads and the write lock is free at once; otherwise tell each
+        caller to queue its write for the writer's thread.
+        """
+        turn = self._turns.pop(loop, [])
+        outcomes = self._run_inline([write for write, _ in turn])
+        for index, (_, future) in enumerate(turn):
+            if future.done():  # its caller was cancelled (its write ran all the same)
+                continue
+            if outcomes is None:
+                future.set_result((False, None, 0))
+                continue
+            job, seq = outcomes[index]
+            if job.error is not None:
+                future.set_exception(job.error)
+            else:
+                future.set_result((True, job.result, seq))
+
+    def _run_inline(self, writes: list[Write]) -> list[tuple[_Job, int]] | None:
+        """Commit ``writes`` on this thread if nobody leads and the file's write lock is free
+        at once (the inline connection never waits: another process holding the lock sends
+        the writes to the queue): each write's finished job and its commit's number, or
+        ``None`` when they did not run.
+        """
+        with self._changed:
+            if self._leading or self._stopping:
+                return None
+            self._leading = True
+            if self._purger is None:
+                self._start_purger()
+        done: list[tuple[_Job, int]] | None = None
+        try:
+            if self._connection_lock.acquire(blocking=False):  # only close() holds it now
+                try:
+                    done = self._commit_inline(writes)
+                finally:
+                    self._connection_lock.release()
+        finally:
+            with self._changed:
+                head = self._queue[0] if self._queue else None
+                if head is None or head.settle is None:
+                    self._hand_over()
+                    head = None
+            if head is not None:
+                self._lend_thread(head)  # another event loop queued meanwhile
+        if done is not None:
+            self._purge_if_due()
+        return done
+
+    def _commit_inline(self, writes: list[Write]) -> list[tuple[_Job, int]] | None:
+        """Under ``_connection_lock``: ``writes`` in one transaction on the inline connection
+        (each alone in its own when one of them fails, so the failure stays its own), or
+        ``None`` when the write lock is taken (by another process) before any of them ran.
+        """
+        jobs = [_Job(write, settle=_nothing) for write in writes]
+        try:
+            if self.inline_connection is None:
+                layer = self._layer()
+                if layer is None:
+                    raise sqlite3.OperationalError("the SQLite persistence layer was closed")
+                opened = layer._connect(0.0)
+                opened.execute("PRAGMA wal_autocheckpoint = 0")  # as the writer's
+                mode = opened.execute("PRAGMA journal_mode").fetchone()
+                if self.sync_inline and str(mode[0]).lower() != "wal":
+                    self.sync_inline = False  # no WAL to fsync: SQLite's own FULL it is
+                if self.sync_inline:
+                    # FULL's fsync of the WAL is made by _sync_wal, after the commit.
+                    opened.execute("PRAGMA synchronous = NORMAL")
+                self.inline_connection = opened
+            self.inline_connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return None
+            for job in jobs:
+                job.finish(error=_copy(exc))
+            return [(job, 0) for job in jobs]
+        except BaseException as exc:
+            for job in jobs:
+                job.finish(error=_copy(exc))
+            return [(job, 0) for job in jobs]
+        connection = self.inline_connection
+        try:
+            results = [job.write(connection) for job in jobs]
+            connection.execute("COMMIT")
+        except BaseException as exc:
+            _rollback(connection)
+            if len(jobs) == 1:
+                jobs[0].finish(error=exc)
+                return [(jobs[0], 0)]
+            outcomes: list[tuple[_Job, int]] = []
+            for write in writes:
+                alone = self._commit_inline([write])
+                if alone is None:  # another process took the lock meanwhile: report it busy
+                    job = _Job(write, settle=_nothing)
+                    job.finish(error=sqlite3.OperationalError("database is locked"))
+                    alone = [(job, 0)]
+                outcomes += alone
+            return outcomes
+        self._committed(len(jobs))
+        self.inline_seq += 1
+        for job, result in zip(jobs, results, strict=True):
+            job.finish(result)
+        return [(job, self.inline_seq) for job in jobs]
+
+    async def _durable(self, seq: int) -> None:
+        """Wait until the WAL is fsynced past inline commit ``seq``; one worker thread fsyncs
+        for every coroutine waiting, again while commits keep arriving.
+        """
+        loop = asyncio.get_running_loop()
+        with self._sync_lock:
+            if self._synced_seq >= seq:
+                return
+            done: asyncio.Future[None] = loop.create_future()
+            self._sync_waiters.append((seq, done, loop))
+            start = not self._syncing
+            self._syncing = True
+        if start:
+            self._lend_thread(self._sync_wal)
+        await done
+
+    def _sync_wal(self) -> None:
+        """fsync the WAL file until no coroutine waits: SQLite's FULL, one fsync for many."""
+        layer = self._layer()
+        path = None if layer is None else layer.path + "-wal"
+        while True:
+            target = self.inline_seq  # every commit made so far is in the WAL's page cache
+            error: BaseException | None = None
+            try:
+                if path is None:
+                    raise sqlite3.OperationalError("the SQLite persistence layer was closed")
+                # Opened each time: the WAL is only ever this one file while the writer's
+                # connections are open, but a reopened writer may follow a deleted one.
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                error = sqlite3.OperationalError(f"fsync of the SQLite WAL {path!r} failed: {exc}")
+            except BaseException as exc:
+                error = exc
+            with self._sync_lock:
+                if error is None:
+                    self._synced_seq = max(self._synced_seq, target)
+                waiting = self._sync_waiters
+                ready = [w for w in waiting if error is not None or w[0] <= target]
+                self._sync_waiters = [w for w in waiting if error is None and w[0] > target]
+                finished = not self._sync_waiters
+                if finished:
+                    self._syncing = False
+            for _, done, loop in ready:
+                loop.call_soon_threadsafe(_settle, done, None if error is None else _copy(error))
+            if finished:
+                return
+
+    def _lend_thread(self, job: _Job | Callable[[], None]) -> None:
+        """Lend a worker thread to lead, starting with the queued event loop write ``job``
+        (or to run a function); nothing waits for the thread (see :meth:`arun`).
+        """
+        import anyio.to_thread
+
+        if isinstance(job, _Job):
+            call = anyio.to_thread.run_sync(self._lead, job)
+        else:
+            call = anyio.to_thread.run_sync(job)
+        task = asyncio.ensure_future(call)
+        self._lent.add(task)
+        task.add_done_callback(self._lent_done)
+
+    def _lent_done(self, task: asyncio.Future[None]) -> None:
+        self._lent.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("SQLite writer thread failed", exc_info=task.exception())
+
+    def _purge_if_due(self) -> None:
+        layer = self._layer()
+        if layer is not None and layer._purge_is_due() and not self._purging:
+            self._purge_wanted.set()
 
     def _lead(self, own: _Job) -> None:
         """Commit batches until ``own`` is done (or a write that runs alone is next: its thread
@@ -831,9 +1064,7 @@ class _Writer:
                         break
                     batch = self._take_batch(own)
                 self._commit(batch)
-        layer = self._layer()
-        if layer is not None and layer._purge_is_due() and not self._purging:
-            self._purge_wanted.set()
+        self._purge_if_due()
 
     def _hand_over(self) -> None:
         """Under ``_changed``: make the first queued write's thread the leader, or stop
@@ -904,14 +1135,17 @@ class _Writer:
             for job in batch:
                 self._commit([job])
             return
+        self._committed(len(batch))
+        for job, result in zip(batch, results, strict=True):
+            job.finish(result)
+
+    def _committed(self, writes: int) -> None:
         self.commits += 1
-        self.writes += len(batch)
+        self.writes += writes
         if self.commits - self._checkpointed_at >= _CHECKPOINT_EVERY_COMMITS:
             self._checkpointed_at = self.commits
             self._checkpoint_due = True
             self._purge_wanted.set()
-        for job, result in zip(batch, results, strict=True):
-            job.finish(result)
 
     # Purge --------------------------------------------------------------------------------
 
@@ -973,9 +1207,10 @@ class _Writer:
         if purger is not None and purger is not threading.current_thread():
             purger.join()
         with self._connection_lock:
-            connection, self.connection = self.connection, None
-            if connection is not None:
-                connection.close()
+            for connection in (self.connection, self.inline_connection):
+                if connection is not None:
+                    connection.close()
+            self.connection = self.inline_connection = None
         with self._changed:
             self._stopping = False
             self._purge_wanted.clear()
@@ -1005,9 +1240,16 @@ class _Writer:
             time.sleep(0.001)  # the purge thread takes it from here
 
 
-def _settle(done: asyncio.Future[None]) -> None:
+def _nothing() -> None:
+    """The ``settle`` of a write committed inline: its caller is already there."""
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None = None) -> None:
     if not done.done():
-        done.set_result(None)
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 def _copy(exc: BaseException) -> BaseException:
