@@ -89,9 +89,13 @@ def run(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
                 if error is None:
                     primitive, args = steps.send(result)
                 else:
-                    # Thrown into the step, which may handle it; cleared so no frame keeps it.
+                    # Thrown into the step, which may handle it, then dropped: a frame that kept
+                    # it would be in its traceback, and the traceback in the frame, a cycle.
                     thrown, error = error, None
-                    primitive, args = steps.throw(thrown)
+                    try:
+                        primitive, args = steps.throw(thrown)
+                    finally:
+                        del thrown
             except StopIteration as done:
                 value: T = done.value
                 return value
@@ -118,8 +122,13 @@ async def arun(layer: object, steps: Steps[T], timer: StoreTimer | None = None) 
                 if error is None:
                     primitive, args = steps.send(result)
                 else:
+                    # Thrown into the step, which may handle it, then dropped: a frame that kept
+                    # it would be in its traceback, and the traceback in the frame, a cycle.
                     thrown, error = error, None
-                    primitive, args = steps.throw(thrown)
+                    try:
+                        primitive, args = steps.throw(thrown)
+                    finally:
+                        del thrown
             except StopIteration as done:
                 value: T = done.value
                 return value
