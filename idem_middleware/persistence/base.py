@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -37,6 +36,7 @@ from idem_middleware.exceptions import (
     StoreRequestRejectedError,
 )
 from idem_middleware.keys import hasher
+from idem_middleware.persistence.lease_ids import new_lease_id
 from idem_middleware.persistence.record import (
     STATUS_COMPLETED,
     STATUS_INPROGRESS,
@@ -164,14 +164,14 @@ class BasePersistenceLayer(ABC):
                 (now + self.config.in_progress_expires_after_seconds) * 1000
             ),
             payload_hash=payload_hash,
-            lease_id=secrets.token_hex(16),
+            lease_id=new_lease_id(),
         )
         try:
             yield PUT, (lease,)
         except IdempotencyItemAlreadyExistsError as exc:
             existing = exc.old_data_record
             # botocore and redis-py resend a write whose reply was lost; the resend then finds
-            # the record the first attempt wrote. Its lease id (random, one per claim) says it is
+            # the record the first attempt wrote. Its lease id (unique to each claim) says it is
             # this request's own, so the claim succeeded: proceed instead of waiting out our own
             # lease with a 409.
             if existing is not None and existing.holds_same_lease(lease):
