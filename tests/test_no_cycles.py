@@ -143,7 +143,10 @@ def test_a_wsgi_new_key_and_replay_leave_no_cycle() -> None:
             "HTTP_IDEMPOTENCY_KEY": key,
             "wsgi.input": io.BytesIO(b'{"a":1}'),
         }
-        b"".join(middleware(environ, lambda status, headers, exc_info=None: None))
+        def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            return lambda data: None
+
+        b"".join(middleware(environ, start_response))
 
     async def new_and_replay() -> None:
         key = f"k-{next(keys)}"
