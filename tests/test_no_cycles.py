@@ -143,6 +143,7 @@ def test_a_wsgi_new_key_and_replay_leave_no_cycle() -> None:
             "HTTP_IDEMPOTENCY_KEY": key,
             "wsgi.input": io.BytesIO(b'{"a":1}'),
         }
+
         def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
             return lambda data: None
 
