@@ -387,6 +387,10 @@ class IdempotentExchange:
                     # client that went away (ASGI 2.4; Starlette raises ClientDisconnect).
                     await self.unfinished(attempt, cut_short=self.send_failed)
             raise
+        finally:
+            # The keeper holds self.finish_lane: a reference cycle that only the garbage
+            # collector would free, and every request that leaves one makes it run more often.
+            self.keeper = None
         if not self.finished:
             # The app returned mid-response: a client that went away stopped it (Starlette's
             # StreamingResponse listens for http.disconnect).

@@ -347,28 +347,22 @@ class IdempotencyEngine:
         layer = self.persistence_layer
         # Two attempts: the record that beat us may expire between its write and our read.
         for _ in range(2):
-            try:
-                lease = yield from layer.save_inprogress_steps(
-                    pending.idempotency_key, pending.payload_hash
-                )
-            except IdempotencyItemAlreadyExistsError as exc:
-                existing = exc.old_data_record
-                if existing is None:
-                    try:
-                        existing = yield from layer.get_record_steps(pending.idempotency_key)
-                    except IdempotencyItemNotFoundError:
-                        continue
-                status = existing.current_status(layer.clock())
-                if status == STATUS_INPROGRESS and (
-                    waiting or self.config.conflict_wait_seconds > 0
-                ):
-                    pending.holder = existing
-                    return self._unless_mismatch(request, existing, pending.payload_hash)
-                if status in (STATUS_COMPLETED, STATUS_INPROGRESS):
-                    return self._answer_existing(request, existing, pending.payload_hash)
-            else:
-                self._emit("claimed", request.method, request.path, lease.idempotency_key)
-                return Proceed(request, lease)
+            claimed = yield from layer.claim_steps(pending.idempotency_key, pending.payload_hash)
+            if not isinstance(claimed, IdempotencyItemAlreadyExistsError):
+                self._emit("claimed", request.method, request.path, claimed.idempotency_key)
+                return Proceed(request, claimed)
+            existing = claimed.old_data_record
+            if existing is None:
+                try:
+                    existing = yield from layer.get_record_steps(pending.idempotency_key)
+                except IdempotencyItemNotFoundError:
+                    continue
+            status = existing.current_status(layer.clock())
+            if status == STATUS_INPROGRESS and (waiting or self.config.conflict_wait_seconds > 0):
+                pending.holder = existing
+                return self._unless_mismatch(request, existing, pending.payload_hash)
+            if status in (STATUS_COMPLETED, STATUS_INPROGRESS):
+                return self._answer_existing(request, existing, pending.payload_hash)
         if waiting:
             return None
         return self._reject(request, self._in_use(None), pending.idempotency_key)

@@ -22,6 +22,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -127,7 +128,8 @@ class AsyncLeaseKeeper:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self.stop()
+        if not self._stopping or self._task is not None or self._wake is not None:
+            await self.stop()  # not already stopped by the completion (stop() before complete)
         if self._group is not None:
             # The block's exception is not handed to the task group: anyio would wrap it in an
             # exception group, and the renewal task has already ended.
@@ -209,18 +211,24 @@ class _LoopSchedule:
         self._loop = loop
         self._due: dict[AsyncLeaseKeeper, float] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = math.inf  # when the timer fires; inf without one
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopSchedule:
+        global _last_schedule
+        schedule = _last_schedule
+        if schedule is not None and schedule._loop is loop:
+            return schedule  # a server runs one loop: spared the weak dictionary's lookup
         schedule = _SCHEDULES.get(loop)
         if schedule is None:
             schedule = _SCHEDULES[loop] = cls(loop)
+        _last_schedule = schedule
         return schedule
 
     def add(self, keeper: AsyncLeaseKeeper, delay: float) -> None:
         when = self._loop.time() + delay
         self._due[keeper] = when
-        if self._timer is None or when < self._timer.when():
+        if when < self._timer_when:
             self._arm(when)
 
     def discard(self, keeper: AsyncLeaseKeeper) -> None:
@@ -230,9 +238,11 @@ class _LoopSchedule:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_at(when, self._tick)
+        self._timer_when = when
 
     def _tick(self) -> None:
         self._timer = None
+        self._timer_when = math.inf
         now = self._loop.time()
         due = [keeper for keeper, when in self._due.items() if when <= now]
         for keeper in due:
@@ -246,6 +256,8 @@ class _LoopSchedule:
 _SCHEDULES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSchedule] = (
     weakref.WeakKeyDictionary()
 )
+#: The schedule asked for last, checked first.
+_last_schedule: _LoopSchedule | None = None
 
 
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:

@@ -67,9 +67,7 @@ NO_RETRIES = Config(retries={"total_max_attempts": 1}, connect_timeout=10, read_
 @pytest.fixture(autouse=True)
 def fixed_lease_id(monkeypatch: pytest.MonkeyPatch) -> None:
     """Claims draw a random lease id; the exact requests below need a known one."""
-    monkeypatch.setattr(
-        "idem_middleware.persistence.base.secrets.token_hex", lambda nbytes=None: LEASE_ID
-    )
+    monkeypatch.setattr("idem_middleware.persistence.base.new_lease_id", lambda: LEASE_ID)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -37,6 +36,7 @@ from idem_middleware.exceptions import (
     StoreRequestRejectedError,
 )
 from idem_middleware.keys import hasher
+from idem_middleware.persistence.lease_ids import new_lease_id
 from idem_middleware.persistence.record import (
     STATUS_COMPLETED,
     STATUS_INPROGRESS,
@@ -44,9 +44,9 @@ from idem_middleware.persistence.record import (
     DataRecord,
 )
 from idem_middleware.persistence.steps import (
+    CLAIM,
     DELETE,
     GET,
-    PUT,
     RENEW,
     SLEEP,
     UPDATE,
@@ -152,9 +152,21 @@ class BasePersistenceLayer(ABC):
 
     def save_inprogress_steps(self, idempotency_key: str, payload_hash: str) -> Steps[DataRecord]:
         """:meth:`save_inprogress` as store steps."""
+        outcome = yield from self.claim_steps(idempotency_key, payload_hash)
+        if isinstance(outcome, IdempotencyItemAlreadyExistsError):
+            raise outcome
+        return outcome
+
+    def claim_steps(
+        self, idempotency_key: str, payload_hash: str
+    ) -> Steps[DataRecord | IdempotencyItemAlreadyExistsError]:
+        """:meth:`save_inprogress_steps`, with a live record found returned (as the error that
+        carries it) rather than raised: the engine's claim, for which a collision (a replay) is
+        an answer as common as a claim.
+        """
         cached = self.get_cached_record(idempotency_key)
         if cached is not None:
-            raise IdempotencyItemAlreadyExistsError(cached)
+            return IdempotencyItemAlreadyExistsError(cached)
         now = self.clock()
         lease = DataRecord(
             idempotency_key=idempotency_key,
@@ -164,24 +176,23 @@ class BasePersistenceLayer(ABC):
                 (now + self.config.in_progress_expires_after_seconds) * 1000
             ),
             payload_hash=payload_hash,
-            lease_id=secrets.token_hex(16),
+            lease_id=new_lease_id(),
         )
-        try:
-            yield PUT, (lease,)
-        except IdempotencyItemAlreadyExistsError as exc:
-            existing = exc.old_data_record
-            # botocore and redis-py resend a write whose reply was lost; the resend then finds
-            # the record the first attempt wrote. Its lease id (random, one per claim) says it is
-            # this request's own, so the claim succeeded: proceed instead of waiting out our own
-            # lease with a 409.
-            if existing is not None and existing.holds_same_lease(lease):
-                return lease
-            if existing is not None and existing.status not in STATUSES:
-                raise StoreRecordUnreadableError(
-                    f"the stored idempotency record has an unknown status {existing.status!r}"
-                ) from None
-            raise
-        return lease
+        found = yield CLAIM, (lease,)
+        if not isinstance(found, IdempotencyItemAlreadyExistsError):
+            return lease
+        existing = found.old_data_record
+        # botocore and redis-py resend a write whose reply was lost; the resend then finds the
+        # record the first attempt wrote. Its lease id (unique to each claim) says it is this
+        # request's own, so the claim succeeded: proceed instead of waiting out our own lease
+        # with a 409.
+        if existing is not None and existing.holds_same_lease(lease):
+            return lease
+        if existing is not None and existing.status not in STATUSES:
+            raise StoreRecordUnreadableError(
+                f"the stored idempotency record has an unknown status {existing.status!r}"
+            )
+        return found
 
     def save_success(
         self,

@@ -18,11 +18,12 @@ class DataRecord:
 
     ``expiry_timestamp`` is epoch seconds (the DynamoDB TTL attribute);
     ``in_progress_expiry_timestamp`` is epoch milliseconds, when the lease runs out.
-    ``lease_id`` is a random token drawn by each claim: completion and release are conditional
-    on it and on ``in_progress_expiry_timestamp`` together, so two claims made in the same
-    millisecond never hold the same lease, and a claim that a client library resent after a lost
-    reply can recognise its own record. Records written before lease ids existed have none
-    (``None``) and are fenced on ``in_progress_expiry_timestamp`` alone, as they were then.
+    ``lease_id`` is a token unique to each claim (:mod:`idem_middleware.persistence.lease_ids`):
+    completion and release are conditional on it and on ``in_progress_expiry_timestamp``
+    together, so two claims made in the same millisecond never hold the same lease, and a claim
+    that a client library resent after a lost reply can recognise its own record. Records
+    written before lease ids existed have none (``None``) and are fenced on
+    ``in_progress_expiry_timestamp`` alone, as they were then.
 
     The response is held in whichever form the record was made with - the serialised
     ``response_data`` a store reads back, or the ``response`` an app just produced - and the

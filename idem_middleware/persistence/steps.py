@@ -22,6 +22,8 @@ from contextvars import ContextVar
 from time import perf_counter
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
 
+from idem_middleware.exceptions import IdempotencyItemAlreadyExistsError
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -31,9 +33,15 @@ class Primitive(NamedTuple):
 
     blocking: str
     native_async: str
+    #: Exceptions of the call that are answers, not failures: the runner sends them to the step
+    #: as the call's result (without their traceback) instead of throwing them into it.
+    answers: tuple[type[Exception], ...] = ()
 
 
 PUT = Primitive("_put_record", "_aput_record")
+#: The claim (``_put_record``) with the live record it found as its result: a replay's path,
+#: spared an exception raised through every step between the store call and the engine.
+CLAIM = Primitive("_put_record", "_aput_record", (IdempotencyItemAlreadyExistsError,))
 GET = Primitive("_get_record", "_aget_record")
 UPDATE = Primitive("_update_record", "_aupdate_record")
 RENEW = Primitive("_renew_record", "_arenew_record")
@@ -78,6 +86,16 @@ def timing(timer: StoreTimer | None) -> Iterator[None]:
             _timer.reset(token)
 
 
+def _outcome(primitive: Primitive, error: Exception) -> tuple[Any, Exception | None]:
+    """What a store call that raised ``error`` gives its step: ``(result, None)`` when the error
+    is one of the call's answers, else ``(None, error)``, to be thrown into the step.
+    """
+    if primitive.answers and isinstance(error, primitive.answers):
+        # Its traceback holds the runner's frame, which would hold it: a reference cycle.
+        return error.with_traceback(None), None
+    return None, error
+
+
 def run(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
     """Run ``steps`` with ``layer``'s blocking primitives; returns what the steps return."""
     result: Any = None
@@ -89,9 +107,13 @@ def run(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
                 if error is None:
                     primitive, args = steps.send(result)
                 else:
-                    # Thrown into the step, which may handle it; cleared so no frame keeps it.
+                    # Thrown into the step, which may handle it, then dropped: a frame that kept
+                    # it would be in its traceback, and the traceback in the frame, a cycle.
                     thrown, error = error, None
-                    primitive, args = steps.throw(thrown)
+                    try:
+                        primitive, args = steps.throw(thrown)
+                    finally:
+                        del thrown
             except StopIteration as done:
                 value: T = done.value
                 return value
@@ -99,7 +121,7 @@ def run(layer: object, steps: Steps[T], timer: StoreTimer | None = None) -> T:
             try:
                 result = getattr(layer, primitive.blocking)(*args)
             except Exception as exc:
-                result, error = None, exc
+                result, error = _outcome(primitive, exc)
             if timer is not None and primitive is not SLEEP:
                 timer.seconds += perf_counter() - started
     finally:
@@ -118,8 +140,13 @@ async def arun(layer: object, steps: Steps[T], timer: StoreTimer | None = None) 
                 if error is None:
                     primitive, args = steps.send(result)
                 else:
+                    # Thrown into the step, which may handle it, then dropped: a frame that kept
+                    # it would be in its traceback, and the traceback in the frame, a cycle.
                     thrown, error = error, None
-                    primitive, args = steps.throw(thrown)
+                    try:
+                        primitive, args = steps.throw(thrown)
+                    finally:
+                        del thrown
             except StopIteration as done:
                 value: T = done.value
                 return value
@@ -128,7 +155,7 @@ async def arun(layer: object, steps: Steps[T], timer: StoreTimer | None = None) 
             try:
                 result = await getattr(layer, primitive.native_async)(*args)
             except Exception as exc:
-                result, error = None, exc
+                result, error = _outcome(primitive, exc)
             if timer is not None and primitive is not SLEEP:
                 timer.seconds += perf_counter() - started
     finally:
