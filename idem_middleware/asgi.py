@@ -172,6 +172,16 @@ class IdempotencyMiddleware:
             return f"idempotency store unusable ({type(layer).__name__}): {exc}"
         return None
 
+    async def close_store(self) -> None:
+        """Close what the persistence layer opened on this event loop. A store that fails to
+        close is logged: the app's shutdown has run, and the server stops either way.
+        """
+        layer = self.engine.persistence_layer
+        try:
+            await layer.aclose()
+        except Exception:
+            logger.warning("closing the idempotency store failed", exc_info=True)
+
 
 class LifespanCheck:
     """The app's lifespan, with the store checked once the app's own startup is complete (it
@@ -221,6 +231,8 @@ class LifespanCheck:
         elif self.problem is not None and kind.startswith("lifespan.shutdown."):
             await self.report()
             return
+        elif kind.startswith("lifespan.shutdown."):
+            await self.middleware.close_store()
         await self.server_send(message)
 
     async def report(self) -> None:

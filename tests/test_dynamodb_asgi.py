@@ -100,3 +100,24 @@ async def test_max_store_threads_set_on_the_middleware_wins(
     middleware.max_store_threads = 4
     assert await run_requests(middleware, 12) == [201] * 12
     assert layer.most_in_flight == 4
+
+
+async def test_max_store_threads_given_to_the_layer_bounds_its_calls(
+    dynamodb_table: str, dynamodb_client: Any
+) -> None:
+    layer = CountingLayer(
+        dynamodb_table, boto3_client=dynamodb_client, async_client=False, max_store_threads=3
+    )
+    middleware = IdempotencyMiddleware(created, persistence_layer=layer)
+    assert await run_requests(middleware, 12) == [201] * 12
+    assert layer.most_in_flight == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)]
+)
+def test_a_bad_max_store_threads_is_refused_naming_the_field(
+    value: Any, error: type[Exception], dynamodb_client: Any
+) -> None:
+    with pytest.raises(error, match="max_store_threads"):
+        DynamoDBPersistenceLayer("t", boto3_client=dynamodb_client, max_store_threads=value)

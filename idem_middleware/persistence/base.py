@@ -128,6 +128,13 @@ class BasePersistenceLayer(ABC):
         with contextlib.suppress(IdempotencyItemNotFoundError):
             self._get_record(f"{self.key_prefix}#check")
 
+    async def aclose(self) -> None:
+        """Close what this layer opened on the running event loop (an asyncio client or pool);
+        what it was given stays its owner's. The ASGI middleware calls it at lifespan shutdown.
+        Layers that open nothing per loop have nothing to close.
+        """
+        return None
+
     # Keys ---------------------------------------------------------------------------------
 
     def build_idempotency_key(self, key_material: str, scope: str | None = None) -> str:

@@ -16,7 +16,7 @@ import logging
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import boto3
 from botocore.config import Config
@@ -102,10 +102,12 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
     in worker threads, ``async_client=True`` insists on aiobotocore.
     """
 
-    #: Worker threads per lane under ASGI (``IdempotencyMiddleware.max_store_threads``, when
-    #: not set, is this): botocore's request path is CPU-bound Python, so more threads only
-    #: queue at the GIL, and the event loop queues behind them (BENCHMARKS.md, section 4).
-    max_store_threads: ClassVar[int] = 2
+    #: Store calls in flight per lane under ASGI, in worker threads or on the event loop
+    #: (``IdempotencyMiddleware.max_store_threads``, when not set, is this): botocore's request
+    #: path is CPU-bound Python, so more calls at once only queue at the GIL, and the event
+    #: loop queues behind them (BENCHMARKS.md, section 4). Over a real network, where a call
+    #: mostly waits, a higher bound (the ``max_store_threads`` argument) serves more requests.
+    max_store_threads: int = 2
 
     def __init__(
         self,
@@ -123,10 +125,17 @@ class DynamoDBPersistenceLayer(BasePersistenceLayer):
         boto3_client: DynamoDBClient | None = None,
         lease_id_attr: str = "lease_id",
         async_client: bool | None = None,
+        max_store_threads: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(table_name, str) or not table_name:
             raise ValueError(f"table_name must be a non-empty string, got {table_name!r}")
+        if max_store_threads is not None:
+            if isinstance(max_store_threads, bool) or not isinstance(max_store_threads, int):
+                raise TypeError(f"max_store_threads must be an int, got {max_store_threads!r}")
+            if max_store_threads < 1:
+                raise ValueError(f"max_store_threads must be at least 1, got {max_store_threads}")
+            self.max_store_threads = max_store_threads
         _check_attribute_names(
             {
                 "key_attr": key_attr,
