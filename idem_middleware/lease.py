@@ -208,7 +208,8 @@ class _LoopSchedule:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: the schedule must not keep a finished loop (and its closed resources) alive.
+        self._loop = weakref.ref(loop)
         self._due: dict[AsyncLeaseKeeper, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = math.inf  # when the timer fires; inf without one
@@ -217,7 +218,7 @@ class _LoopSchedule:
     def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopSchedule:
         global _last_schedule
         schedule = _last_schedule
-        if schedule is not None and schedule._loop is loop:
+        if schedule is not None and schedule._loop() is loop:
             return schedule  # a server runs one loop: spared the weak dictionary's lookup
         schedule = _SCHEDULES.get(loop)
         if schedule is None:
@@ -226,10 +227,16 @@ class _LoopSchedule:
         return schedule
 
     def add(self, keeper: AsyncLeaseKeeper, delay: float) -> None:
-        when = self._loop.time() + delay
+        when = self._running_loop().time() + delay
         self._due[keeper] = when
         if when < self._timer_when:
             self._arm(when)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        if loop is None:  # only its own loop calls a schedule, so it is alive
+            raise RuntimeError("the event loop of this lease schedule is gone")
+        return loop
 
     def discard(self, keeper: AsyncLeaseKeeper) -> None:
         self._due.pop(keeper, None)
@@ -237,13 +244,13 @@ class _LoopSchedule:
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._tick)
+        self._timer = self._running_loop().call_at(when, self._tick)
         self._timer_when = when
 
     def _tick(self) -> None:
         self._timer = None
         self._timer_when = math.inf
-        now = self._loop.time()
+        now = self._running_loop().time()
         due = [keeper for keeper, when in self._due.items() if when <= now]
         for keeper in due:
             del self._due[keeper]
