@@ -321,12 +321,19 @@ def test_client_timeout_then_retries_until_replayed(
     once (409, Retry-After), honours Retry-After, and gets the payment it had asked for.
     """
     env = dynamodb_env(tmp_path, dynamodb_endpoint, dynamodb_table)
-    env["EXAMPLE_CHARGE_DELAY_SECONDS"] = "1.5"
+    # The charge outlasts the client's patience by far, so the retry finds it still running
+    # however slowly a loaded machine serves it.
+    env["EXAMPLE_CHARGE_DELAY_SECONDS"] = "3"
     url, headers = "/payments", auth("alice", "order-timeout")
     with running(deployment.start(env, tmp_path)) as server:
         with httpx.Client(base_url=server.base_url, timeout=10) as client:
             with pytest.raises(httpx.ReadTimeout):
                 client.post(url, headers=headers, json=PAYMENT, timeout=0.5)
+            # The first request holds the key (a slow server may not have read it yet).
+            deadline = time.monotonic() + 30
+            while "idempotency claimed " not in server.log():
+                assert time.monotonic() < deadline, "the first request never claimed the key"
+                time.sleep(0.02)
             response = client.post(url, headers=headers, json=PAYMENT)
             assert response.status_code == 409, response.text
             for _ in range(10):
