@@ -55,9 +55,11 @@ class FakeTox:
     def __init__(self, code: int) -> None:
         self.code = code
         self.commands: list[list[str]] = []
+        self.envs: list[dict[str, str]] = []
 
     def __call__(self, command: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         self.commands.append(list(command))
+        self.envs.append(kwargs["env"])
         envs = command[command.index("-e") + 1].split(",")
         result_json = Path(command[command.index("--result-json") + 1])
         result_json.write_text(
@@ -83,6 +85,7 @@ def test_a_missing_python_is_reported_before_and_in_the_summary(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("IDEM_TEST_REQUIRE_ALL_PYTHONS", raising=False)
+    monkeypatch.delenv("IDEM_TEST_POSTGRES_PRIVATE", raising=False)
     monkeypatch.setattr(test_matrix, "find_interpreter", with_312_missing)
     tox = FakeTox(0)
     monkeypatch.setattr(test_matrix.subprocess, "run", tox)
@@ -91,6 +94,8 @@ def test_a_missing_python_is_reported_before_and_in_the_summary(
 
     [command] = tox.commands
     assert command[command.index("-e") + 1] == "py310,py311,py313,lint,type,pkg"
+    # Side by side, each session gets a PostgreSQL server of its own.
+    assert tox.envs[0]["IDEM_TEST_POSTGRES_PRIVATE"] == "1"
     out, err = capsys.readouterr()
     assert "Python 3.12 is MISSING: python3.12 is not on PATH" in err
     summary = out[out.index("=== make test: summary ===") :]

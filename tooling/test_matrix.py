@@ -9,8 +9,9 @@ when ``python3.X`` is on ``PATH`` *and runs*: a pyenv shim exists for every vers
 of, installed for this checkout or not. The tox environments run in parallel (tox
 ``run-parallel``), each printing its output when it ends; the last lines are a summary naming
 every supported version, with "MISSING" for the absent ones. ``--require-all`` (or
-``IDEM_TEST_REQUIRE_ALL_PYTHONS=1``) makes a missing version fail the run. Standard library
-only: it runs from the ``.venv`` that holds tox.
+``IDEM_TEST_REQUIRE_ALL_PYTHONS=1``) makes a missing version fail the run. The test sessions
+run side by side, each with services of its own (``IDEM_TEST_POSTGRES_PRIVATE=1``: PostgreSQL
+too). Standard library only: it runs from the ``.venv`` that holds tox.
 """
 
 from __future__ import annotations
@@ -162,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             *options.tox_args,
         ]
         print("+ " + " ".join(command[1:]), flush=True)
-        tox_code = subprocess.run(command, cwd=ROOT, check=False).returncode
+        env = dict(os.environ)
+        # Each test session on a PostgreSQL server of its own: side by side on the shared one,
+        # their pools could exhaust its max_connections (IDEM_TEST_POSTGRES_PRIVATE=0: shared).
+        env.setdefault("IDEM_TEST_POSTGRES_PRIVATE", "1")
+        tox_code = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
         outcomes = env_results(result_json)
     for line in summary(interpreters, outcomes, tox_code, time.monotonic() - started):
         print(line)
