@@ -414,12 +414,21 @@ def local_client(dynamodb_endpoint: str) -> Any:
 FAULTS = [*STORE_FAULTS, "EndpointConnectionError"]
 
 
+def local_layer(table: str, client: Any) -> DynamoDBPersistenceLayer:
+    """:func:`configured`, on a clock near the real time: DynamoDB Local deletes items whose
+    TTL attribute is past, at a moment of its own, and ``NOW`` (2023) is long past.
+    """
+    layer = configured(DynamoDBPersistenceLayer(table, boto3_client=client))
+    layer.clock = FakeClock()
+    return layer
+
+
 @pytest.mark.dynamodb
 @pytest.mark.parametrize("fault", FAULTS)
 def test_failed_claim_leaves_no_record_behind(
     local_client: Any, dynamodb_table: str, fault: str
 ) -> None:
-    layer = configured(DynamoDBPersistenceLayer(dynamodb_table, boto3_client=local_client))
+    layer = local_layer(dynamodb_table, local_client)
     key = layer.build_idempotency_key("header:order-1")
     handler = _fault(fault)
     local_client.meta.events.register("before-send.dynamodb.PutItem", handler)
@@ -444,7 +453,7 @@ def test_failed_claim_leaves_no_record_behind(
 def test_failed_completion_keeps_the_lease_and_the_owner_can_release_it(
     local_client: Any, dynamodb_table: str, fault: str
 ) -> None:
-    layer = configured(DynamoDBPersistenceLayer(dynamodb_table, boto3_client=local_client))
+    layer = local_layer(dynamodb_table, local_client)
     key = layer.build_idempotency_key("header:order-1")
     lease = layer.save_inprogress(key, HASH)
     handler = _fault(fault)
