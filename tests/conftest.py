@@ -15,6 +15,7 @@ from idem_middleware.persistence import InMemoryPersistenceLayer
 from idem_middleware.persistence.base import BasePersistenceLayer
 from tests.support.backends import backend_params
 from tests.support.harness import Harness
+from tests.support.ports import refusing_port
 from tooling import dynamodb_local, postgres_server, redis_server
 
 # Credentials for DynamoDB Local / moto; never real ones.
@@ -29,6 +30,15 @@ SERVICES_USED: dict[str, str] = {}
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for service, description in SERVICES_USED.items():
         terminalreporter.write_line(f"{service} tests ran against {description}")
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test, and that no other process
+    (another test session's server) can take meanwhile: an unreachable store's address.
+    """
+    with refusing_port() as port:
+        yield port
 
 
 @pytest.fixture(scope="session")

@@ -371,27 +371,35 @@ async def test_non_blocking_store_calls_run_inline() -> None:
 
 
 class SlowCountingLayer(InMemoryPersistenceLayer):
-    """A blocking layer whose claim takes a while; counts the claims in flight at once."""
+    """A blocking layer whose claim takes a while; counts the claims in flight at once.
+
+    The first claims wait (10 s at most) until ``expected`` are in flight together, so that the
+    limit is reached however late a loaded machine starts the threads; any more than that get
+    the time to show in ``most_in_flight`` too.
+    """
 
     blocking_io: ClassVar[bool] = True
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int) -> None:
         super().__init__()
-        self.lock = threading.Lock()
+        self.expected = expected
+        self.changed = threading.Condition()
         self.in_flight = self.most_in_flight = 0
 
     def _put_record(self, data_record: DataRecord) -> None:
-        with self.lock:
+        with self.changed:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.most_in_flight >= self.expected, timeout=10)
         time.sleep(0.02)
-        with self.lock:
+        with self.changed:
             self.in_flight -= 1
         super()._put_record(data_record)
 
 
 async def test_blocking_store_calls_use_at_most_max_store_threads() -> None:
-    layer = SlowCountingLayer()
+    layer = SlowCountingLayer(expected=3)
     middleware = IdempotencyMiddleware(chunked_app([]), persistence_layer=layer)
     middleware.max_store_threads = 3
     clients = [Client() for _ in range(12)]

@@ -28,7 +28,6 @@ from idem_middleware.config import IdempotencyConfig
 from idem_middleware.keys import header_key_material
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.responses import StoredResponse
-from tooling.processes import free_port
 
 REGION = "us-east-1"
 PAYMENT_BODY = b'{"id":"pay_1","amount":1250}'
@@ -284,7 +283,9 @@ def test_inspect_and_delete_on_sqlite(
 
 
 def test_store_by_url(
-    capsys: pytest.CaptureFixture[str], sqlite_store: tuple[BasePersistenceLayer, Path]
+    capsys: pytest.CaptureFixture[str],
+    sqlite_store: tuple[BasePersistenceLayer, Path],
+    closed_port: int,
 ) -> None:
     """``--url`` takes the URL the app gives ``from_url``; inspect still creates no file."""
     layer, path = sqlite_store
@@ -301,7 +302,7 @@ def test_store_by_url(
         run(capsys, "inspect", "k", "--url", f"sqlite:///{missing}"), "no SQLite file at"
     )
     assert not missing.exists()
-    port = free_port()
+    port = closed_port
     closed = f"postgresql://app:s3cret@127.0.0.1:{port}/idem"
     message = assert_one_line_error(
         run(capsys, "inspect", "k", "--url", closed),
@@ -539,8 +540,10 @@ def test_missing_table(capsys: pytest.CaptureFixture[str], dynamodb_endpoint: st
         assert line.startswith(f"idem-middleware {command}: error: ")
 
 
-def test_unreachable_dynamodb_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
-    endpoint = f"http://127.0.0.1:{free_port()}"
+def test_unreachable_dynamodb_endpoint(
+    capsys: pytest.CaptureFixture[str], closed_port: int
+) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port}"
     for argv in (
         ["create-table", *dynamodb_args(endpoint, "t")],
         ["inspect", "k", *dynamodb_args(endpoint, "t")],
@@ -554,7 +557,10 @@ def test_unreachable_dynamodb_endpoint(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_no_aws_credentials(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    closed_port: int,
 ) -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
@@ -565,7 +571,7 @@ def test_no_aws_credentials(
     monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
 
     assert_one_line_error(
-        run(capsys, "create-table", *dynamodb_args(f"http://127.0.0.1:{free_port()}", "t")),
+        run(capsys, "create-table", *dynamodb_args(f"http://127.0.0.1:{closed_port}", "t")),
         "Unable to locate credentials",
         "give this process AWS credentials",
     )
@@ -582,8 +588,8 @@ def test_no_aws_region(
     assert_one_line_error(run(capsys, "create-table", "--table", "t"), "no AWS region", "--region")
 
 
-def test_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
-    port = free_port()
+def test_unreachable_redis(capsys: pytest.CaptureFixture[str], closed_port: int) -> None:
+    port = closed_port
     for command in ("inspect", "delete"):
         assert_one_line_error(
             run(capsys, command, "k", "--redis-url", f"redis://127.0.0.1:{port}/0"),
@@ -593,8 +599,10 @@ def test_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
         )
 
 
-def test_redis_password_stays_out_of_messages(capsys: pytest.CaptureFixture[str]) -> None:
-    port = free_port()
+def test_redis_password_stays_out_of_messages(
+    capsys: pytest.CaptureFixture[str], closed_port: int
+) -> None:
+    port = closed_port
     url = f"redis://app:s3cret@127.0.0.1:{port}/0"
 
     line = assert_one_line_error(

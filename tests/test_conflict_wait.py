@@ -433,10 +433,17 @@ def test_a_client_gone_while_its_poll_claims_the_key_leaves_the_key_free() -> No
         await anyio.lowlevel.checkpoint()
 
     async def main() -> None:
-        with anyio.move_on_after(0.05) as scope:
-            threading.Timer(0.2, layer.gate.set).start()  # the claim lands after the cancel
+        async with anyio.create_task_group() as tasks:
+
+            async def client_gone_once_the_poll_claims() -> None:
+                # Not a time limit: a loaded machine could cancel before the claim began.
+                assert await anyio.to_thread.run_sync(layer.entered.wait, 10)
+                tasks.cancel_scope.cancel()
+                threading.Timer(0.05, layer.gate.set).start()  # the claim lands after the cancel
+
+            tasks.start_soon(client_gone_once_the_poll_claims)
             await wait_for_answer_async(world.engine, conflict, sleep=fast_sleep)
-        assert scope.cancelled_caught
+        assert tasks.cancel_scope.cancelled_caught
 
     anyio.run(main)
 

@@ -34,7 +34,6 @@ from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 from tests.test_dynamodb_asgi import Client, created
-from tooling.processes import free_port
 
 pytest.importorskip("aiobotocore", reason="the dynamodb-async extra")
 pytestmark = [pytest.mark.dynamodb, pytest.mark.anyio]
@@ -200,11 +199,11 @@ async def test_a_missing_table_is_store_not_found(dynamodb_client: Any) -> None:
         await layer.aclose()
 
 
-async def test_an_unreachable_endpoint_is_store_unreachable() -> None:
+async def test_an_unreachable_endpoint_is_store_unreachable(closed_port: int) -> None:
     client = boto3.client(
         "dynamodb",
         region_name="us-east-1",
-        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        endpoint_url=f"http://127.0.0.1:{closed_port}",
         config=NO_RETRIES,
     )
     layer = DynamoDBPersistenceLayer("idempotency", boto3_client=client)

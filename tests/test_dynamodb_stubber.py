@@ -34,7 +34,6 @@ from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRE
 from idem_middleware.request import Headers, IdempotencyRequest
 from idem_middleware.responses import PROBLEM_CONTENT_TYPE, StoredResponse
 from tests.support.backends import FakeClock
-from tooling.processes import free_port
 
 TABLE = "idempotency"
 NOW = 1_700_000_000
@@ -351,12 +350,12 @@ def test_service_errors_are_store_errors_with_the_cause_chained(
 
 
 @pytest.fixture
-def unreachable_layer() -> DynamoDBPersistenceLayer:
+def unreachable_layer(closed_port: int) -> DynamoDBPersistenceLayer:
     """A layer whose endpoint refuses connections (nothing listens on the port)."""
     client = boto3.client(
         "dynamodb",
         region_name="us-east-1",
-        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        endpoint_url=f"http://127.0.0.1:{closed_port}",
         config=NO_RETRIES,
     )
     return configured(DynamoDBPersistenceLayer(TABLE, boto3_client=client))
@@ -412,12 +411,21 @@ def local_client(dynamodb_endpoint: str) -> Any:
 FAULTS = [*STORE_FAULTS, "EndpointConnectionError"]
 
 
+def local_layer(table: str, client: Any) -> DynamoDBPersistenceLayer:
+    """:func:`configured`, on a clock near the real time: DynamoDB Local deletes items whose
+    TTL attribute is past, at a moment of its own, and ``NOW`` (2023) is long past.
+    """
+    layer = configured(DynamoDBPersistenceLayer(table, boto3_client=client))
+    layer.clock = FakeClock()
+    return layer
+
+
 @pytest.mark.dynamodb
 @pytest.mark.parametrize("fault", FAULTS)
 def test_failed_claim_leaves_no_record_behind(
     local_client: Any, dynamodb_table: str, fault: str
 ) -> None:
-    layer = configured(DynamoDBPersistenceLayer(dynamodb_table, boto3_client=local_client))
+    layer = local_layer(dynamodb_table, local_client)
     key = layer.build_idempotency_key("header:order-1")
     handler = _fault(fault)
     local_client.meta.events.register("before-send.dynamodb.PutItem", handler)
@@ -442,7 +450,7 @@ def test_failed_claim_leaves_no_record_behind(
 def test_failed_completion_keeps_the_lease_and_the_owner_can_release_it(
     local_client: Any, dynamodb_table: str, fault: str
 ) -> None:
-    layer = configured(DynamoDBPersistenceLayer(dynamodb_table, boto3_client=local_client))
+    layer = local_layer(dynamodb_table, local_client)
     key = layer.build_idempotency_key("header:order-1")
     lease = layer.save_inprogress(key, HASH)
     handler = _fault(fault)

@@ -567,14 +567,18 @@ def test_a_cancelled_request_releases_under_the_lease_of_the_renewal_under_way()
     claimed_lease = attempt.lease
 
     async def main() -> None:
-        with anyio.move_on_after(0.2):
+        # Cancelled once the renewal is under way, however long a loaded machine takes to get
+        # there (a time limit could cancel before it started).
+        with anyio.CancelScope() as request_scope:
             try:
                 async with AsyncLeaseKeeper(engine, attempt, interval=TICK):
                     await eventually_async(layer.entered.is_set)
-                    threading.Timer(0.3, layer.gate.set).start()  # lands after the cancel
+                    request_scope.cancel()
+                    threading.Timer(0.05, layer.gate.set).start()  # lands after the cancel
                     await anyio.sleep(10)
             finally:
                 engine.release(attempt)  # no await: the cancellation cannot interrupt it
+        assert request_scope.cancelled_caught
 
     anyio.run(main)
     assert attempt.lease is not claimed_lease

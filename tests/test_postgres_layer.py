@@ -36,7 +36,6 @@ from idem_middleware.persistence import PostgresPersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 from tests.support.backends import FakeClock
-from tooling.processes import free_port
 
 pytestmark = pytest.mark.postgres
 
@@ -405,9 +404,10 @@ def test_check_names_why_it_cannot_connect(
     postgres_conninfo: str,
     change: dict[str, str],
     expected: type[IdempotencyPersistenceLayerError],
+    closed_port: int,
 ) -> None:
     params = conninfo_to_dict(postgres_conninfo)
-    params.update({k: str(free_port()) if v == "closed" else v for k, v in change.items()})
+    params.update({k: str(closed_port) if v == "closed" else v for k, v in change.items()})
     layer = make_layer(conninfo=make_conninfo(**params), create=False)
 
     with pytest.raises(expected):
@@ -415,9 +415,9 @@ def test_check_names_why_it_cannot_connect(
 
 
 def test_a_closed_port_is_a_store_error_naming_host_and_database_not_password(
-    make_layer: MakeLayer,
+    make_layer: MakeLayer, closed_port: int
 ) -> None:
-    port = free_port()
+    port = closed_port
     layer = make_layer(
         conninfo=f"host=127.0.0.1 port={port} user=postgres password=hunter2 dbname=shop",
         create=False,
@@ -726,12 +726,12 @@ def test_a_retry_over_http_replays_the_stored_response_once_executed(
 
 @pytest.mark.parametrize("kind", ["asgi", "wsgi"])
 def test_an_unreachable_database_is_a_503_over_http_and_the_handler_does_not_run(
-    kind: str,
+    kind: str, closed_port: int
 ) -> None:
     from tests.support.harness import Harness
 
     layer = PostgresPersistenceLayer(
-        f"host=127.0.0.1 port={free_port()} user=postgres dbname=shop", pool_timeout_seconds=0.3
+        f"host=127.0.0.1 port={closed_port} user=postgres dbname=shop", pool_timeout_seconds=0.3
     )
     harness = Harness(kind, layer, IdempotencyConfig())
     try:

@@ -516,7 +516,10 @@ def test_a_completion_on_the_loop_is_not_cut_short_by_a_cancelled_request(
     app, calls = asgi_app(layer)
     complete = layer._aupdate_record
 
+    completing = asyncio.Event()
+
     async def slow_complete(record: DataRecord) -> None:
+        completing.set()
         await asyncio.sleep(0.3)  # the completion is in flight when the request is cancelled
         await complete(record)
 
@@ -527,7 +530,15 @@ def test_a_completion_on_the_loop_is_not_cut_short_by_a_cancelled_request(
             transport=httpx.ASGITransport(app=app), base_url="http://t"
         ) as client:
             key = {"Idempotency-Key": "order-1"}
-            with anyio.move_on_after(0.15):  # cut short while the completion is in flight
+            # Cut short while the completion is in flight (once it began, not after a fixed
+            # time: a loaded machine may not have got there yet).
+            async with anyio.create_task_group() as request:
+
+                async def cut_short() -> None:
+                    await completing.wait()
+                    request.cancel_scope.cancel()
+
+                request.start_soon(cut_short)
                 await client.post("/orders", json={"qty": 1}, headers=key)
             monkeypatch.setattr(layer, "_aupdate_record", complete)
             retry = await client.post("/orders", json={"qty": 1}, headers=key)

@@ -22,7 +22,6 @@ from idem_middleware.persistence import RedisPersistenceLayer
 from idem_middleware.persistence.record import STATUS_INPROGRESS, DataRecord
 from idem_middleware.responses import StoredResponse
 from tests.support.backends import FakeClock
-from tooling.processes import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -198,8 +197,8 @@ def all_operations(layer: RedisPersistenceLayer) -> list[tuple[str, object]]:
     ]
 
 
-def test_closed_port_is_a_persistence_error(clock: FakeClock) -> None:
-    layer = make_layer(clock, f"redis://127.0.0.1:{free_port()}/0")
+def test_closed_port_is_a_persistence_error(clock: FakeClock, closed_port: int) -> None:
+    layer = make_layer(clock, f"redis://127.0.0.1:{closed_port}/0")
     started = time.monotonic()
     for name, operation in all_operations(layer):
         with pytest.raises(IdempotencyPersistenceLayerError) as caught:

@@ -206,6 +206,14 @@ def test_writes_of_every_thread_run_on_one_connection(db_path: Path, clock: Fake
         layer.close()
 
 
+def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Poll ``condition`` (a state other threads reach) until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
 def test_writes_waiting_together_are_committed_in_one_transaction(
     db_path: Path, clock: FakeClock, write_lock: sqlite3.Connection
 ) -> None:
@@ -226,7 +234,9 @@ def test_writes_waiting_together_are_committed_in_one_transaction(
         ]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)  # all 16 are waiting
+        # All 16 are waiting: the first in its transaction (with at most one more), the others
+        # queued behind it; polled, as a loaded machine may start the threads late.
+        until(lambda: len(layer._writer._queue) >= 14)
         write_lock.execute("COMMIT")
         for thread in threads:
             thread.join(10)
@@ -260,9 +270,9 @@ def test_a_failing_write_in_a_batch_fails_alone(layer: SQLitePersistenceLayer) -
         threading.Thread(target=write_broken),
         threading.Thread(target=claim, args=("b",)),
     ]
-    for thread in threads:
+    for queued, thread in enumerate(threads, start=1):
         thread.start()
-        time.sleep(0.1)  # queued in this order behind the held write
+        until(lambda n=queued: len(layer._writer._queue) == n)  # queued in this order
     commits_before = layer._writer.commits
     held.end()
     for thread in threads:
@@ -359,8 +369,9 @@ def test_a_dropped_layer_ends_its_purge_thread(db_path: Path) -> None:
     assert purger is not None
     ref = weakref.ref(layer)
     del layer
-    gc.collect()
-    assert ref() is None
+    # The purge thread holds the layer while a purge runs (the first one may be under way):
+    # the layer goes once that purge ends.
+    until(lambda: gc.collect() >= 0 and ref() is None)
     purger.join(5)
     assert not purger.is_alive()
 

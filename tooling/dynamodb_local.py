@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tooling import ROOT
-from tooling.processes import free_port, spawn, stop, wait_until
+from tooling.processes import free_port, listens_on, spawn, stop, wait_until
 
 INSTALL_DIR = Path(
     os.environ.get("IDEM_TEST_DYNAMODB_LOCAL_DIR", ROOT / ".cache" / "dynamodb-local")
@@ -81,8 +81,12 @@ def answers(url: str) -> bool:
 
 
 def wait_until_serving(url: str, process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """Until ``url`` answers, from ``process`` when given: a server that took the port first
+    would answer too, until ours exits (then ``RuntimeError``, and the caller retries).
+    """
+    port = int(url.rsplit(":", 1)[1])
     wait_until(
-        lambda: answers(url),
+        lambda: answers(url) and (process is None or listens_on(process, port)),
         what=f"DynamoDB server at {url}",
         timeout=timeout,
         process=process,
@@ -93,26 +97,33 @@ def wait_until_serving(url: str, process: subprocess.Popen[bytes] | None, timeou
 def start() -> DynamoDBServer:
     jar = install_jar() if shutil.which("java") else None
     if jar is not None:
-        port = free_port()
-        process = spawn(
-            [
-                shutil.which("java") or "java",
-                f"-Djava.library.path={jar.parent / 'DynamoDBLocal_lib'}",
-                "-jar",
-                str(jar),
-                "-inMemory",
-                "-port",
-                str(port),
-            ],
-            cwd=jar.parent,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_serving(url, process, timeout=60)
-        except BaseException:
-            stop(process)
-            raise
-        return DynamoDBServer(url, f"DynamoDB Local ({jar.parent.name})", process)
+        last_error: Exception | None = None
+        for _attempt in range(3):  # another process may take the free port before we bind it
+            port = free_port()
+            process = spawn(
+                [
+                    shutil.which("java") or "java",
+                    f"-Djava.library.path={jar.parent / 'DynamoDBLocal_lib'}",
+                    "-jar",
+                    str(jar),
+                    "-inMemory",
+                    "-port",
+                    str(port),
+                ],
+                cwd=jar.parent,
+            )
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_until_serving(url, process, timeout=60)
+            except RuntimeError as exc:
+                last_error = exc
+                stop(process)
+                continue
+            except BaseException:
+                stop(process)
+                raise
+            return DynamoDBServer(url, f"DynamoDB Local ({jar.parent.name})", process)
+        raise RuntimeError(f"could not start DynamoDB Local: {last_error}")
     print(
         "\n*** Java or npm is missing: DynamoDB tests run against moto's server mode, "
         "not Amazon's DynamoDB Local ***",

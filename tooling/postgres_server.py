@@ -6,6 +6,10 @@ and ``pg_ctl`` in a temporary directory (``PATH``, then ``/usr/lib/postgresql/*/
 port of 127.0.0.1, and stopped at the end. PostgreSQL refuses to run as root, so under root the
 private server runs as the ``postgres`` system user. Either way the session works in a database
 it creates under a unique name and drops at the end.
+
+``IDEM_TEST_POSTGRES_PRIVATE=1`` starts the private server even where the external one answers:
+``make test`` sets it, so that sessions running side by side (one per Python) cannot exhaust
+the shared server's ``max_connections`` for each other (a pool test alone opens 50).
 """
 
 from __future__ import annotations
@@ -83,7 +87,11 @@ def answers(conninfo: str, timeout: int = 2) -> bool:
 
 
 def start() -> PostgresServer:
-    """The external server when it answers, else a private one (RuntimeError when neither)."""
+    """The external server when it answers (unless ``IDEM_TEST_POSTGRES_PRIVATE``), else a
+    private one (RuntimeError when neither).
+    """
+    if os.environ.get("IDEM_TEST_POSTGRES_PRIVATE", "") not in ("", "0"):
+        return start_private()
     dsn = os.environ.get("IDEM_TEST_POSTGRES_DSN", DEFAULT_EXTERNAL_DSN)
     if answers(dsn):
         params = conninfo_to_dict(dsn)

@@ -27,6 +27,46 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def listens_on(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether ``process`` itself holds the socket listening on 127.0.0.1:``port``.
+
+    A service told to listen on a :func:`free_port` answers there, but so would another
+    process that took the port first (a service of a test session running side by side), until
+    ours gives up and exits: whoever answers must be ours. Read from Linux's ``/proc``; where
+    there is none, the answer is True (and the caller relies on the service exiting instead).
+    """
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return True
+    fd_dir = Path(f"/proc/{process.pid}/fd")
+    try:
+        links = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+    except OSError:
+        return False  # exited meanwhile
+    return any(link in inodes for link in links)
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """The ``socket:[inode]`` names of the TCP sockets listening on ``port``; None without
+    ``/proc/net/tcp``.
+    """
+    found: set[str] = set()
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        return None
+    for table in tables:
+        try:
+            lines = table.read_text(encoding="ascii").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.add(f"socket:[{inode}]")
+    return found
+
+
 def spawn(
     command: Sequence[str],
     *,

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from tooling.processes import free_port, spawn, stop, wait_until
+from tooling.processes import free_port, listens_on, spawn, stop, wait_until
 
 DEFAULT_EXTERNAL_URL = "redis://127.0.0.1:6379/0"
 
@@ -63,8 +63,12 @@ def ping(url: str, timeout: float = 1.0) -> bool:
 def wait_until_serving(
     url: str, process: subprocess.Popen[bytes] | None, timeout: float = 15.0
 ) -> None:
+    """Until ``url`` answers PING, from ``process`` when given: a server that took the port
+    first would answer too, until ours exits (then ``RuntimeError``, and the caller retries).
+    """
+    port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
     wait_until(
-        lambda: ping(url, timeout=0.5),
+        lambda: ping(url, timeout=0.5) and (process is None or listens_on(process, port)),
         what=f"redis-server at {url}",
         timeout=timeout,
         process=process,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tooling import ROOT
-from tooling.processes import free_port, spawn
+from tooling.processes import free_port, listens_on, spawn
 from tooling.processes import stop as stop_process
 
 STARTUP_TIMEOUT = 30.0
@@ -39,6 +39,7 @@ class Server:
     base_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    port: int
     worker_pids: set[int] = field(default_factory=set)
 
     def log(self) -> str:
@@ -225,7 +226,7 @@ def _spawn(
     full_env["PYTHONUNBUFFERED"] = "1"
     with log_path.open("wb") as log:
         process = spawn(command, cwd=root, env=full_env, output=log)
-    return Server(name, f"http://127.0.0.1:{port}", process, log_path)
+    return Server(name, f"http://127.0.0.1:{port}", process, log_path, port)
 
 
 def _wait_until_serving(server: Server, workers: int) -> None:
@@ -240,6 +241,11 @@ def _wait_until_serving(server: Server, workers: int) -> None:
                 raise ServerStartError(
                     f"{server.name} exited with code {server.process.returncode}", log
                 )
+            # A server that took the port first would answer too, until ours exits: only our
+            # own server's answers count.
+            if not listens_on(server.process, server.port):
+                time.sleep(0.1)
+                continue
             # A few requests at once, each on a new connection, so that every worker gets some.
             for pid in pool.map(lambda _: _health_pid(server.base_url), range(4)):
                 if pid is not None:
