@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def aiobotocore_installed() -> bool:
     """Whether the ``dynamodb-async`` extra (aiobotocore) can be imported."""
     try:
-        import aiobotocore.session  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        import aiobotocore.session  # noqa: F401
     except ImportError:
         return False
     return True
@@ -113,7 +113,7 @@ class AsyncDynamoDB:
         return client
 
     async def _build(self) -> _LoopClient:
-        from aiobotocore.session import AioSession  # type: ignore[import-not-found,unused-ignore]
+        from aiobotocore.session import AioSession
 
         meta = self.blocking.meta
         # Placeholder keys keep aiobotocore from resolving credentials of its own (an instance
