@@ -95,14 +95,15 @@ def dynamodb_table(result: DynamoDBResult) -> Table:
     rows.append(["raw PutItem (floor)", "", f"{result.put_item_ms:.2f}", "1", "", "", ""])
     note = (
         f"{result.implementation}; {result.requests_per_case} requests per case and library, "
-        "interleaved; medians. From an event loop: our ASGI middleware (store calls in worker "
-        "threads) and Powertools' idempotent_function run in a worker thread, as an async app "
+        "interleaved; medians. From an event loop: our ASGI middleware (store calls on the loop "
+        "through aiobotocore, the dynamodb-async extra; in worker threads without it) and "
+        "Powertools' idempotent_function run in a worker thread, as an async app "
         "must run it; in the calling thread: our WSGI middleware and the function called "
         "directly. Powertools is set to do what ours does: validate the payload and lease "
         "in-progress records (from a Lambda context). One thread hop "
         f"(anyio.to_thread.run_sync of a no-op) took "
-        f"{result.thread_hop_ms:.2f} ms (median) on this machine in this run: a new key makes "
-        "two (claim, complete), Powertools from a loop one."
+        f"{result.thread_hop_ms:.2f} ms (median) on this machine in this run: through worker "
+        "threads a new key makes two (claim, complete), Powertools from a loop one."
     )
     return (
         "2. DynamoDB Local: latency and store calls per request",
