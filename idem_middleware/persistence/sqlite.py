@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import os
 import re
@@ -40,7 +41,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Literal, TypeVar
 
 from idem_middleware.exceptions import (
@@ -767,7 +768,9 @@ class _Writer:
         self.inline_seq = 0  # inline commits made
         self._sync_lock = threading.Lock()
         self._synced_seq = 0  # inline commits fsynced
-        self._syncing = False
+        #: The fsync thread (:meth:`_sync_loop`), while it runs, and what wakes it.
+        self._syncer: threading.Thread | None = None
+        self._sync_wanted = threading.Event()
         self._sync_waiters: list[tuple[int, asyncio.Future[None], asyncio.AbstractEventLoop]] = []
         self._lent: set[asyncio.Future[None]] = set()  # strong references to lent threads
         #: Per event loop, the writes of its current turn, committed together at its end.
@@ -842,7 +845,8 @@ class _Writer:
         done = loop.create_future()
 
         def settle() -> None:
-            loop.call_soon_threadsafe(_settle, done)
+            with suppress(RuntimeError):  # its loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, done)
 
         job = _Job(write, settle=settle)
         with self._changed:
@@ -973,8 +977,8 @@ class _Writer:
         return [(job, self.inline_seq) for job in jobs]
 
     async def _durable(self, seq: int) -> None:
-        """Wait until the WAL is fsynced past inline commit ``seq``; one worker thread fsyncs
-        for every coroutine waiting, again while commits keep arriving.
+        """Wait until the WAL is fsynced past inline commit ``seq``; the writer's fsync thread
+        fsyncs for every coroutine waiting, again while commits keep arriving.
         """
         loop = asyncio.get_running_loop()
         with self._sync_lock:
@@ -982,11 +986,28 @@ class _Writer:
                 return
             done: asyncio.Future[None] = loop.create_future()
             self._sync_waiters.append((seq, done, loop))
-            start = not self._syncing
-            self._syncing = True
-        if start:
-            self._lend_thread(self._sync_wal)
+            if self._syncer is None:
+                self._syncer = threading.Thread(
+                    target=self._sync_loop, name="idem-middleware-sqlite-fsync", daemon=True
+                )
+                self._syncer.start()
+        self._sync_wanted.set()
         await done
+
+    def _sync_loop(self) -> None:
+        """The fsync thread. The writer's own rather than one lent by an event loop: a loop
+        that shuts down cancels what it lent before it starts, and the coroutines of every
+        other loop would then wait for an fsync nobody makes. It ends after a second without
+        waiters; :meth:`_durable` starts another when one is needed.
+        """
+        while True:
+            woken = self._sync_wanted.wait(timeout=1.0)
+            self._sync_wanted.clear()
+            with self._sync_lock:
+                if not woken and not self._sync_waiters:
+                    self._syncer = None
+                    return
+            self._sync_wal()
 
     def _sync_wal(self) -> None:
         """fsync the WAL file until no coroutine waits: SQLite's FULL, one fsync for many."""
@@ -1016,10 +1037,11 @@ class _Writer:
                 ready = [w for w in waiting if error is not None or w[0] <= target]
                 self._sync_waiters = [w for w in waiting if error is None and w[0] > target]
                 finished = not self._sync_waiters
-                if finished:
-                    self._syncing = False
             for _, done, loop in ready:
-                loop.call_soon_threadsafe(_settle, done, None if error is None else _copy(error))
+                with suppress(RuntimeError):  # its loop is closed: nobody waits
+                    loop.call_soon_threadsafe(
+                        _settle, done, None if error is None else _copy(error)
+                    )
             if finished:
                 return
 
@@ -1029,17 +1051,19 @@ class _Writer:
         """
         import anyio.to_thread
 
-        if isinstance(job, _Job):
-            call = anyio.to_thread.run_sync(self._lead, job)
-        else:
-            call = anyio.to_thread.run_sync(job)
-        task = asyncio.ensure_future(call)
+        lent = _Lent(self._lead, job) if isinstance(job, _Job) else _Lent(job)
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(lent))
         self._lent.add(task)
-        task.add_done_callback(self._lent_done)
+        task.add_done_callback(functools.partial(self._lent_done, lent))
 
-    def _lent_done(self, task: asyncio.Future[None]) -> None:
+    def _lent_done(self, lent: _Lent, task: asyncio.Future[None]) -> None:
         self._lent.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            if not lent.started:
+                # Cancelled before a thread took it (its event loop is shutting down): the lead
+                # it carries, and the writes queued behind it, go to a thread of their own.
+                threading.Thread(target=lent, name="idem-middleware-sqlite-writer").start()
+        elif task.exception() is not None:
             logger.error("SQLite writer thread failed", exc_info=task.exception())
 
     def _purge_if_due(self) -> None:
@@ -1238,6 +1262,21 @@ class _Writer:
             del layer
             self._purge_wanted.set()
             time.sleep(0.001)  # the purge thread takes it from here
+
+
+class _Lent:
+    """A call lent to a worker thread, which says whether a thread has started it."""
+
+    __slots__ = ("args", "function", "started")
+
+    def __init__(self, function: Callable[..., None], *args: Any) -> None:
+        self.function = function
+        self.args = args
+        self.started = False
+
+    def __call__(self) -> None:
+        self.started = True
+        self.function(*self.args)
 
 
 def _nothing() -> None:
