@@ -229,6 +229,7 @@ class LifespanCheck:
                     self.problem = problem
                     return  # the app shuts down first (its next receive), then the server hears
         elif self.problem is not None and kind.startswith("lifespan.shutdown."):
+            await self.middleware.close_store()
             await self.report()
             return
         elif kind.startswith("lifespan.shutdown."):

@@ -331,3 +331,14 @@ async def test_a_record_unreadable_by_this_version_is_a_store_fault(
     )
     with pytest.raises(IdempotencyPersistenceLayerError, match="unreadable"):
         await layer._aget_record(key)
+
+
+async def test_aclose_after_a_cancelled_client_build_closes_quietly(dynamodb_client: Any) -> None:
+    layer = DynamoDBPersistenceLayer("t", boto3_client=dynamodb_client, async_client=True)
+    assert layer._async is not None
+    loop = asyncio.get_running_loop()
+    cancelled: asyncio.Future[Any] = loop.create_future()
+    cancelled.cancel()  # a request that started the build was cancelled with it
+    layer._async._by_loop[loop] = cancelled
+    await layer.aclose()
+    assert loop not in layer._async._by_loop

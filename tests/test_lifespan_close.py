@@ -64,3 +64,19 @@ def test_the_redis_client_of_the_server_loop_is_closed_at_shutdown(redis_url: st
     assert len(layer._async_by_loop) == 0
     pool = opened.client.connection_pool
     assert all(not c.is_connected for c in pool._get_free_connections())  # closed, not leaked
+
+
+class FailingCheckLayer(ClosingLayer):
+    def check(self) -> None:
+        raise ConnectionError("no such table")
+
+
+@pytest.mark.anyio
+async def test_a_store_that_fails_its_startup_check_is_closed_too() -> None:
+    from tests.test_hardening_adapters import LifespanServer, lifespan_app
+
+    layer = FailingCheckLayer()
+    server = LifespanServer()
+    await server.run(IdempotencyMiddleware(lifespan_app([]), persistence_layer=layer))
+    assert [m["type"] for m in server.sent] == ["lifespan.startup.failed"]
+    assert len(layer.closed_on) == 1

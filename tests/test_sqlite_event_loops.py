@@ -117,3 +117,16 @@ def test_a_loop_that_ends_with_its_write_lent_to_a_thread_leaves_the_writer_work
         other_process.execute("ROLLBACK")
         other_process.close()
     store_and_complete(layer, "next")
+
+
+def test_a_turn_that_cannot_be_committed_fails_its_writes_instead_of_hanging_them(
+    layer: SQLitePersistenceLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_and_complete(layer, "warm")
+
+    def no_thread(writes: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(layer._writer, "_run_inline", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        asyncio.run(asyncio.wait_for(layer._aput_record(lease("stuck", layer)), 10))

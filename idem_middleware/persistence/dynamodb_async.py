@@ -19,6 +19,7 @@ renewals and releases), as worker threads are limited (BENCHMARKS.md, section 4)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -140,5 +141,11 @@ class AsyncDynamoDB:
         build = self._by_loop.pop(loop, None)
         if self._last[0] is loop:
             self._last = (None, None)
-        if build is not None and build.done() and build.exception() is None:
+        if build is None:
+            return
+        if not build.done():
+            # Still being built (a request started it): close it once it is, never leak it.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(build)
+        if build.done() and not build.cancelled() and build.exception() is None:
             await build.result().client.close()

@@ -877,7 +877,13 @@ class _Writer:
         caller to queue its write for the writer's thread.
         """
         turn = self._turns.pop(loop, [])
-        outcomes = self._run_inline([write for write, _ in turn])
+        try:
+            outcomes = self._run_inline([write for write, _ in turn])
+        except BaseException as exc:  # e.g. no thread for the purge: every caller hears it
+            for _, future in turn:
+                if not future.done():
+                    future.set_exception(_copy(exc))
+            return
         for index, (_, future) in enumerate(turn):
             if future.done():  # its caller was cancelled (its write ran all the same)
                 continue
