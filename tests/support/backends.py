@@ -70,36 +70,13 @@ def _dynamodb(request: pytest.FixtureRequest) -> BasePersistenceLayer:
 
 def _dynamodb_async(request: pytest.FixtureRequest) -> BasePersistenceLayer:
     from idem_middleware.persistence.dynamodb import DynamoDBPersistenceLayer
-    from idem_middleware.persistence.record import DataRecord
-    from tests.support.async_redis import LoopThread
+    from tests.support.loop_driven import LoopDriven
 
-    class AsyncDrivenDynamoDBLayer(DynamoDBPersistenceLayer):
-        """Every record primitive runs as its aiobotocore twin on one event loop of its own,
-        shared by the race tests' threads as concurrent requests share a server's loop.
-        """
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.loop_thread = LoopThread()
-
-        def _put_record(self, data_record: DataRecord) -> None:
-            self.loop_thread.run(self._aput_record(data_record))
-
-        def _get_record(self, idempotency_key: str) -> DataRecord:
-            return self.loop_thread.run(self._aget_record(idempotency_key))
-
-        def _update_record(self, data_record: DataRecord) -> None:
-            self.loop_thread.run(self._aupdate_record(data_record))
-
-        def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
-            self.loop_thread.run(self._arenew_record(lease, renewed))
-
-        def _delete_record(self, data_record: DataRecord) -> None:
-            self.loop_thread.run(self._adelete_record(data_record))
+    class AsyncDrivenDynamoDBLayer(LoopDriven, DynamoDBPersistenceLayer):
+        """Every record primitive runs as its aiobotocore twin on ``loop_thread``."""
 
         def close(self) -> None:
-            self.loop_thread.run(self.aclose())
-            self.loop_thread.stop()
+            self.stop_loop()
 
     table = request.getfixturevalue("dynamodb_table")
     client = request.getfixturevalue("dynamodb_client")
