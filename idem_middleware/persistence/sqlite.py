@@ -56,6 +56,11 @@ from idem_middleware.exceptions import (
 )
 from idem_middleware.persistence.base import BasePersistenceLayer
 from idem_middleware.persistence.record import STATUS_COMPLETED, STATUS_INPROGRESS, DataRecord
+from idem_middleware.persistence.sql_params import (
+    completion_params,
+    release_params,
+    renewal_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -351,55 +356,22 @@ class SQLitePersistenceLayer(BasePersistenceLayer):
         return self._row_to_record(row)
 
     def _update_record(self, data_record: DataRecord) -> None:
-        self._fenced_write("completion", self._sql_complete, self._completion(data_record))
+        self._fenced_write("completion", self._sql_complete, completion_params(data_record))
 
     async def _aupdate_record(self, data_record: DataRecord) -> None:
-        await self._afenced_write("completion", self._sql_complete, self._completion(data_record))
+        await self._afenced_write("completion", self._sql_complete, completion_params(data_record))
 
     def _renew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
-        self._fenced_write("lease renewal", self._sql_renew, self._renewal(lease, renewed))
+        self._fenced_write("lease renewal", self._sql_renew, renewal_params(lease, renewed))
 
     async def _arenew_record(self, lease: DataRecord, renewed: DataRecord) -> None:
-        await self._afenced_write("lease renewal", self._sql_renew, self._renewal(lease, renewed))
+        await self._afenced_write("lease renewal", self._sql_renew, renewal_params(lease, renewed))
 
     def _delete_record(self, data_record: DataRecord) -> None:
-        self._fenced_write("release", self._sql_release, self._release(data_record))
+        self._fenced_write("release", self._sql_release, release_params(data_record))
 
     async def _adelete_record(self, data_record: DataRecord) -> None:
-        await self._afenced_write("release", self._sql_release, self._release(data_record))
-
-    @staticmethod
-    def _completion(data_record: DataRecord) -> dict[str, Any]:
-        return {
-            "id": data_record.idempotency_key,
-            "status": data_record.status,
-            "expiration": data_record.expiry_timestamp,
-            "data": data_record.response_data,
-            "validation": data_record.payload_hash,
-            "inprogress": STATUS_INPROGRESS,
-            "lease": data_record.in_progress_expiry_timestamp,
-            "lease_id": data_record.lease_id,
-        }
-
-    @staticmethod
-    def _renewal(lease: DataRecord, renewed: DataRecord) -> dict[str, Any]:
-        return {
-            "id": lease.idempotency_key,
-            "renewed": renewed.in_progress_expiry_timestamp,
-            "expiration": renewed.expiry_timestamp,
-            "inprogress": STATUS_INPROGRESS,
-            "lease": lease.in_progress_expiry_timestamp,
-            "lease_id": lease.lease_id,
-        }
-
-    @staticmethod
-    def _release(data_record: DataRecord) -> dict[str, Any]:
-        return {
-            "id": data_record.idempotency_key,
-            "inprogress": STATUS_INPROGRESS,
-            "lease": data_record.in_progress_expiry_timestamp,
-            "lease_id": data_record.lease_id,
-        }
+        await self._afenced_write("release", self._sql_release, release_params(data_record))
 
     def _remove_record(self, idempotency_key: str) -> bool:
         sql = self._sql_remove
